@@ -1,0 +1,230 @@
+"""Reading plain data (parsed YAML) into typed, frozen dataclasses, and back.
+
+Specs and search spaces share this reader so both give the same one-line errors with exact field
+paths (``blocks[3].kernel: 4 is not one of 3, 5, 7``). It is written here rather than taken from a
+library because none of torch, optuna, pandas or pyyaml validates into dataclasses, and the error
+format (a path into the YAML document) is part of this project's interface.
+
+Types understood: ``int``, ``float``, ``bool``, ``str``, ``Literal[...]``, nested dataclasses,
+``tuple[X, ...]``, ``X | None`` and ``Mapping[str, Any]`` (free-form, copied read-only). Value
+checks beyond the type live in each dataclass's ``__post_init__``, which raises :class:`SpecError`
+naming the field; the reader prefixes the path of the enclosing object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import os
+import types
+import typing
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+MAX_FILE_BYTES = 1 << 20  # 1 MiB: a spec of thousands of blocks is well under; anything larger is a mistake
+
+
+class SpecError(ValueError):
+    """Invalid user input (spec, search space, file), with the path of the offending field."""
+
+    def __init__(self, path: str, message: str, *, source: str = ""):
+        self.path = path
+        self.message = message
+        self.source = source  # the file the data came from, when there is one
+        parts = [x for x in (source, path, message) if x]
+        super().__init__(": ".join(parts))
+
+    def in_file(self, source: str | os.PathLike[str]) -> SpecError:
+        """The same error, attributed to the file ``source``."""
+        return SpecError(self.path, self.message, source=str(source))
+
+    def within(self, prefix: str) -> SpecError:
+        """The same error, seen from an enclosing object at ``prefix``."""
+        if not prefix:
+            return self
+        joined = prefix + (self.path if self.path.startswith("[") else "." + self.path) if self.path else prefix
+        return SpecError(joined, self.message, source=self.source)
+
+
+def _join(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def _type_name(value: Any) -> str:
+    if value is None:
+        return "null"
+    return {bool: "a boolean", int: "an integer", float: "a number", str: "a string",
+            list: "a list", dict: "a mapping"}.get(type(value), type(value).__name__)
+
+
+def fmt_choices(values: typing.Iterable[Any]) -> str:
+    return ", ".join(repr(v) if isinstance(v, str) else str(v) for v in values)
+
+
+def check_choice(path: str, value: Any, allowed: typing.Iterable[Any]) -> None:
+    allowed = tuple(allowed)
+    if value not in allowed or isinstance(value, bool) != any(isinstance(a, bool) for a in allowed):
+        shown = repr(value) if isinstance(value, str) else value
+        raise SpecError(path, f"{shown} is not one of {fmt_choices(allowed)}")
+
+
+@functools.cache
+def _literal_fields(cls: type) -> tuple[tuple[str, tuple[Any, ...]], ...]:
+    hints = typing.get_type_hints(cls)
+    return tuple((f.name, typing.get_args(hints[f.name])) for f in dataclasses.fields(cls)
+                 if typing.get_origin(hints[f.name]) is typing.Literal)
+
+
+def check_literals(obj: Any) -> None:
+    """Check every ``Literal``-typed field of a dataclass instance, so code-built objects are checked too."""
+    for name, allowed in _literal_fields(type(obj)):  # type: ignore[arg-type]
+        check_choice(name, getattr(obj, name), allowed)
+
+
+def check_positive(path: str, value: int | float) -> None:
+    if value <= 0:
+        raise SpecError(path, f"{value} must be positive")
+
+
+def _read(tp: Any, value: Any, path: str) -> Any:
+    origin = typing.get_origin(tp)
+    if origin is Union or origin is types.UnionType:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        (inner,) = [a for a in args if a is not type(None)]
+        return _read(inner, value, path)
+    if origin is typing.Literal:
+        check_choice(path, value, typing.get_args(tp))
+        return value
+    if origin is tuple:
+        if not isinstance(value, list):
+            raise SpecError(path, f"expected a list, got {_type_name(value)}")
+        (inner, _) = typing.get_args(tp)
+        return tuple(_read(inner, v, _join(path, i)) for i, v in enumerate(value))
+    if origin is Mapping or tp is Mapping:
+        if not isinstance(value, dict):
+            raise SpecError(path, f"expected a mapping, got {_type_name(value)}")
+        for k in value:
+            if not isinstance(k, str):
+                raise SpecError(path, f"key {k!r} must be a string")
+        return types.MappingProxyType(dict(value))
+    if dataclasses.is_dataclass(tp):
+        return from_data(tp, value, path)  # type: ignore[arg-type]
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise SpecError(path, f"expected true or false, got {_type_name(value)}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise SpecError(path, f"expected an integer, got {_type_name(value)}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise SpecError(path, f"expected a number, got {_type_name(value)}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise SpecError(path, f"expected a string, got {_type_name(value)}")
+        return value
+    raise TypeError(f"unsupported field type {tp!r}")  # a bug in a dataclass here, not user input
+
+
+def from_data(cls: type[T], data: Any, path: str = "") -> T:
+    """Build dataclass ``cls`` from parsed YAML, raising :class:`SpecError` at the exact field."""
+    if not isinstance(data, dict):
+        raise SpecError(path, f"expected a mapping, got {_type_name(data)}")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+    for key in data:
+        if key not in fields:
+            raise SpecError(_join(path, str(key)), f"unknown key (allowed: {', '.join(fields)})")
+    kwargs = {}
+    for name, f in fields.items():
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise SpecError(_join(path, name), "missing")
+            continue
+        kwargs[name] = _read(hints[name], data[name], _join(path, name))
+    try:
+        return cls(**kwargs)
+    except SpecError as e:
+        raise e.within(path) from None
+
+
+def to_data(obj: Any) -> Any:
+    """The plain-data (YAML-ready) form of a dataclass tree; inverse of :func:`from_data`."""
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        return {f.name: to_data(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+    if isinstance(obj, tuple):
+        return [to_data(v) for v in obj]
+    if isinstance(obj, Mapping):
+        return {k: to_data(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [to_data(v) for v in obj]
+    return obj
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.safe_load`` that refuses duplicate keys, which PyYAML otherwise resolves silently."""
+
+
+def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen = set()
+    for key_node, _ in node.value:
+        key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        if key in seen:
+            mark = key_node.start_mark
+            raise yaml.constructor.ConstructorError(
+                None, None, f"duplicate key {key!r} (line {mark.line + 1})", mark)
+        seen.add(key)
+    return loader.construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
+
+
+def read_yaml(path: str | os.PathLike[str], what: str) -> Any:
+    """Safely parse a YAML file; any problem is a :class:`SpecError` naming the file."""
+    p = Path(path)
+    try:
+        size = p.stat().st_size
+        if p.is_dir():
+            raise SpecError("", source=str(p), message=f"is a directory, not a {what} file")
+        if size > MAX_FILE_BYTES:
+            limit = f"the {MAX_FILE_BYTES} byte limit for a {what}"
+            raise SpecError("", source=str(p), message=f"{size} bytes is over {limit}")
+        text = p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SpecError("", source=str(p), message="no such file") from None
+    except UnicodeDecodeError:
+        raise SpecError("", source=str(p), message="not UTF-8 text") from None
+    except OSError as e:
+        raise SpecError("", source=str(p), message=e.strerror or str(e)) from None
+    try:
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise SpecError("", source=str(p), message=f"not valid YAML{where}: {problem}") from None
+    if data is None:
+        raise SpecError("", source=str(p), message=f"empty file, expected a {what}")
+    return data
+
+
+def write_yaml_atomic(data: Any, path: str | os.PathLike[str], header: str = "") -> None:
+    """Write YAML through a temporary file and a rename, so readers never see half a file."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    text = header + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, p)

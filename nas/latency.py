@@ -1,0 +1,97 @@
+"""Measuring latency the way a deployed network runs: eval mode, inference mode, fixed threads, warm-up."""
+
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from nas._schema import SpecError
+from nas.model import build_model
+from nas.spec import NetworkSpec
+
+
+@dataclass(frozen=True)
+class Measurement:
+    """Latency of one network: median and interquartile range over ``repeats`` timed runs, in ms."""
+
+    median_ms: float
+    q1_ms: float
+    q3_ms: float
+    repeats: int
+    device: str
+    threads: int
+    batch_size: int
+
+    @property
+    def spread(self) -> float:
+        """Interquartile range relative to the median: the run-to-run noise of this measurement."""
+        return (self.q3_ms - self.q1_ms) / self.median_ms
+
+
+def resolve_device(device: str) -> torch.device:
+    """``cpu``, ``cuda``, ``cuda:N`` or ``auto``; a CUDA request without CUDA is an error, not a fallback."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise SpecError("--device", f"{device!r} is not one of 'cpu', 'cuda', 'cuda:N', 'auto'") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise SpecError("--device", f"{device!r} is not one of 'cpu', 'cuda', 'cuda:N', 'auto'")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise SpecError("--device", f"{device!r} requested but torch sees no CUDA device")
+    return dev
+
+
+@contextlib.contextmanager
+def num_threads(threads: int | None) -> Iterator[int]:
+    """Run with ``threads`` intra-op threads (default: torch's current setting), restoring it after."""
+    before = torch.get_num_threads()
+    if threads is not None:
+        if threads < 1:
+            raise SpecError("--threads", f"{threads} must be positive")
+        torch.set_num_threads(threads)
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)
+
+
+def time_call(fn: Callable[[], object], device: torch.device, *, warmup: int, repeats: int) -> list[float]:
+    """Wall times in ms of ``repeats`` calls of ``fn`` after ``warmup`` untimed ones (CUDA synchronised)."""
+    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    for _ in range(warmup):
+        fn()
+    sync()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - start) * 1e3)
+    return times
+
+
+def measure_module(model: nn.Module, input_shape: tuple[int, ...], *, device: str = "cpu", threads: int | None = None,
+                   warmup: int = 10, repeats: int = 30) -> Measurement:
+    """Time ``model`` on a random input of ``input_shape`` (batch first)."""
+    dev = resolve_device(device)
+    model = model.to(dev).eval()
+    x = torch.randn(input_shape, device=dev)
+    with num_threads(threads) as n, torch.inference_mode():
+        times = time_call(lambda: model(x), dev, warmup=warmup, repeats=repeats)
+    q1, med, q3 = statistics.quantiles(times, n=4, method="inclusive")
+    return Measurement(med, q1, q3, repeats, str(dev), n, input_shape[0])
+
+
+def measure(spec: NetworkSpec, *, device: str = "cpu", batch_size: int = 1, threads: int | None = None,
+            warmup: int = 10, repeats: int = 30) -> Measurement:
+    """Real latency of ``nas.build_model(spec)`` at the spec's resolution."""
+    shape = (batch_size, spec.input.channels, spec.input.resolution, spec.input.resolution)
+    return measure_module(build_model(spec), shape, device=device, threads=threads, warmup=warmup, repeats=repeats)

@@ -1,0 +1,200 @@
+"""The network description: one typed, frozen tree of dataclasses; YAML is only its storage form.
+
+A :class:`NetworkSpec` means exactly one network (see :func:`nas.build_model`): a stem convolution,
+an ordered list of inverted-residual blocks (MobileNetV2 sec. 3.3, with MobileNetV3's SE and
+h-swish), a last 1x1 convolution, global pooling and a two-layer classifier.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import types
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+from torchvision.models._utils import _make_divisible
+
+from nas._schema import SpecError, check_literals, check_positive, from_data, read_yaml, to_data, write_yaml_atomic
+
+FORMAT_VERSION = 1
+Activation = Literal["relu", "hswish"]
+BlockKernel = Literal[3, 5, 7]
+Stride = Literal[1, 2]
+
+
+@dataclass(frozen=True)
+class InputSpec:
+    resolution: int
+    channels: int = 3
+
+    def __post_init__(self) -> None:
+        check_literals(self)
+        check_positive("resolution", self.resolution)
+        check_positive("channels", self.channels)
+
+
+@dataclass(frozen=True)
+class StemSpec:
+    out_channels: int
+    kernel: Literal[1, 3, 5, 7] = 3
+    stride: Stride = 2
+    activation: Activation = "hswish"
+
+    def __post_init__(self) -> None:
+        check_literals(self)
+        check_positive("out_channels", self.out_channels)
+
+
+@dataclass(frozen=True)
+class BlockSpec:
+    """One inverted residual: 1x1 expand (absent when expanded == in), depthwise, optional SE, 1x1 project.
+
+    Hashable, so the latency predictor can key its table on it.
+    """
+
+    in_channels: int
+    kernel: BlockKernel
+    expanded_channels: int
+    out_channels: int
+    se: bool
+    activation: Activation
+    stride: Stride
+    dilation: int = 1
+
+    def __post_init__(self) -> None:
+        check_literals(self)
+        for name in ("in_channels", "expanded_channels", "out_channels", "dilation"):
+            check_positive(name, getattr(self, name))
+
+    @property
+    def has_expand(self) -> bool:
+        return self.expanded_channels != self.in_channels
+
+    @property
+    def use_residual(self) -> bool:
+        return self.stride == 1 and self.in_channels == self.out_channels
+
+    @property
+    def squeeze_channels(self) -> int:
+        """SE bottleneck width, torchvision's rule (MobileNetV3 sec. 5.3: 1/4 of the expansion)."""
+        return int(_make_divisible(self.expanded_channels // 4, 8))
+
+    @property
+    def depthwise_stride(self) -> int:
+        # torchvision's dilated variant keeps resolution: a dilated block does not downsample.
+        return 1 if self.dilation > 1 else self.stride
+
+
+@dataclass(frozen=True)
+class LastConvSpec:
+    out_channels: int
+    activation: Activation = "hswish"
+
+    def __post_init__(self) -> None:
+        check_literals(self)
+        check_positive("out_channels", self.out_channels)
+
+
+@dataclass(frozen=True)
+class ClassifierSpec:
+    hidden: int
+    activation: Activation = "hswish"
+    dropout: float = 0.2
+
+    def __post_init__(self) -> None:
+        check_literals(self)
+        check_positive("hidden", self.hidden)
+        if not 0.0 <= self.dropout < 1.0:
+            raise SpecError("dropout", f"{self.dropout} is not in [0, 1)")
+
+
+@dataclass(frozen=True)
+class BatchNormSpec:
+    eps: float = 0.001
+    momentum: float = 0.01
+
+    def __post_init__(self) -> None:
+        check_literals(self)
+        check_positive("eps", self.eps)
+        if not 0.0 < self.momentum <= 1.0:
+            raise SpecError("momentum", f"{self.momentum} is not in (0, 1]")
+
+
+@dataclass(frozen=True)
+class NetworkSpec:
+    """A whole network. ``metadata`` is free-form (origin, trial, latency...) and not hashed."""
+
+    format_version: Literal[1]
+    input: InputSpec
+    num_classes: int
+    stem: StemSpec
+    blocks: tuple[BlockSpec, ...]
+    last_conv: LastConvSpec
+    classifier: ClassifierSpec
+    batch_norm: BatchNormSpec = BatchNormSpec()
+    metadata: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}), hash=False)
+
+    def __post_init__(self) -> None:
+        check_literals(self)
+        check_positive("num_classes", self.num_classes)
+        if not self.blocks:
+            raise SpecError("blocks", "must list at least one block")
+        if not isinstance(self.metadata, types.MappingProxyType):
+            object.__setattr__(self, "metadata", types.MappingProxyType(dict(self.metadata)))
+        previous, where = self.stem.out_channels, "stem.out_channels"
+        for i, block in enumerate(self.blocks):
+            if block.in_channels != previous:
+                raise SpecError(f"blocks[{i}].in_channels", f"{block.in_channels} does not match {where} {previous}")
+            previous, where = block.out_channels, f"blocks[{i}].out_channels"
+
+    def with_metadata(self, **items: Any) -> NetworkSpec:
+        """A copy with ``items`` merged into the metadata."""
+        return dataclasses.replace(self, metadata={**self.metadata, **items})
+
+    def without_metadata(self) -> NetworkSpec:
+        return dataclasses.replace(self, metadata={})
+
+
+def spec_from_dict(data: Any) -> NetworkSpec:
+    """Validate plain data (as parsed from YAML) into a :class:`NetworkSpec`."""
+    return from_data(NetworkSpec, data)
+
+
+def spec_to_dict(spec: NetworkSpec) -> dict[str, Any]:
+    data: dict[str, Any] = to_data(spec)
+    return data
+
+
+def builtin_spec_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("nas.specs").iterdir() if p.name.endswith(".yaml"))
+
+
+def _resolve(name_or_path: str | os.PathLike[str], kind: str, package: str, builtins: list[str]) -> Path:
+    """A built-in name (no suffix, no directory) or a path; anything else is an error naming both."""
+    text = str(name_or_path)
+    path = Path(text)
+    if path.exists() or path.suffix or os.sep in text:
+        return path
+    if text in builtins:
+        return Path(str(resources.files(package).joinpath(text + ".yaml")))
+    raise SpecError("", f"not a file nor a built-in {kind} (built-ins: {', '.join(builtins)})", source=text)
+
+
+def load_spec(name_or_path: str | os.PathLike[str]) -> NetworkSpec:
+    """Load a spec from a YAML file, or a built-in one by name (``mobilenet_v3_large``, ``mobilenet_v3_small``)."""
+    path = _resolve(name_or_path, "spec", "nas.specs", builtin_spec_names())
+    data = read_yaml(path, "network spec")
+    try:
+        return spec_from_dict(data)
+    except SpecError as e:
+        raise e.in_file(name_or_path) from None
+
+
+def save_spec(spec: NetworkSpec, path: str | os.PathLike[str]) -> None:
+    """Write ``spec`` as YAML (atomically); :func:`load_spec` gives back an equal spec."""
+    header = "# nas network spec; build with nas.build_model(nas.load_spec(path))\n"
+    write_yaml_atomic(spec_to_dict(spec), path, header=header)
