@@ -1,0 +1,278 @@
+"""Search spaces: the set of networks a search may choose from, stored as YAML like specs.
+
+A space is a fixed stem, a list of stages (each with depth and width choices and a stride), per-block
+choices of kernel, expansion, SE and activation, and width choices for the last conv and classifier.
+Every member is a :class:`~nas.spec.NetworkSpec`. One walker (:meth:`SearchSpace.build`) turns a
+``pick(name, options)`` function into a spec, so sampling, the largest and smallest members, Optuna's
+``trial.suggest_categorical`` and a flat dict of choices all produce members the same way.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import random
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from importlib import resources
+from typing import Any, Literal, TypeVar
+
+from torchvision.models._utils import _make_divisible
+
+from nas._schema import SpecError, check_literals, check_positive, from_data, read_yaml
+from nas.spec import (
+    Activation,
+    BatchNormSpec,
+    BlockKernel,
+    BlockSpec,
+    ClassifierSpec,
+    InputSpec,
+    LastConvSpec,
+    NetworkSpec,
+    StemSpec,
+    Stride,
+    _resolve,
+    load_spec,
+)
+
+T = TypeVar("T")
+Pick = Callable[[str, Sequence[Any]], Any]
+
+
+def _check_options(path: str, options: Sequence[Any], positive: bool = True) -> None:
+    if not options:
+        raise SpecError(path, "must list at least one choice")
+    if len(set(options)) != len(options):
+        raise SpecError(path, f"lists a choice twice: {list(options)}")
+    for i, v in enumerate(options):
+        if positive:
+            check_positive(f"{path}[{i}]", v)
+
+
+def expanded_width(in_channels: int, ratio: float) -> int:
+    """Hidden width for an expansion ratio: torchvision's rounding to a multiple of 8 (MobileNetV2 sec. 3.4)."""
+    return int(_make_divisible(in_channels * ratio, 8))
+
+
+@dataclass(frozen=True)
+class StageSpace:
+    """A run of blocks with one output width; the first block has ``stride``, the rest stride 1."""
+
+    depth: tuple[int, ...]
+    width: tuple[int, ...]
+    stride: Stride
+    kernel: tuple[BlockKernel, ...]
+    expand_ratio: tuple[float, ...] | None = None  # hidden = in_channels * ratio, rounded to 8
+    expanded_channels: tuple[int, ...] | None = None  # or explicit hidden widths
+    se: tuple[bool, ...] = (False,)
+    activation: tuple[Activation, ...] = ("relu",)
+
+    def __post_init__(self) -> None:
+        check_literals(self)
+        for name in ("depth", "width", "expand_ratio", "expanded_channels"):
+            if getattr(self, name) is not None:
+                _check_options(name, getattr(self, name))
+        for name, allowed in (("kernel", (3, 5, 7)), ("activation", ("relu", "hswish")), ("se", (False, True))):
+            _check_options(name, getattr(self, name), positive=False)
+            for i, v in enumerate(getattr(self, name)):
+                if v not in allowed or isinstance(v, bool) != isinstance(allowed[0], bool):
+                    shown = repr(v) if isinstance(v, str) else v
+                    raise SpecError(f"{name}[{i}]", f"{shown} is not one of {', '.join(map(str, allowed))}")
+        if (self.expand_ratio is None) == (self.expanded_channels is None):
+            raise SpecError("expand_ratio", "give exactly one of expand_ratio and expanded_channels")
+
+    @property
+    def expansion(self) -> tuple[float, ...]:
+        """The expansion options as listed: ratios, or explicit hidden widths."""
+        return self.expand_ratio if self.expand_ratio is not None else self.expanded_channels  # type: ignore[return-value]
+
+    def hidden(self, in_channels: int, option: float) -> int:
+        return expanded_width(in_channels, option) if self.expand_ratio is not None else int(option)
+
+
+@dataclass(frozen=True)
+class LastConvSpace:
+    out_channels: tuple[int, ...]
+    activation: Activation = "hswish"
+
+    def __post_init__(self) -> None:
+        check_literals(self)
+        _check_options("out_channels", self.out_channels)
+
+
+@dataclass(frozen=True)
+class ClassifierSpace:
+    hidden: tuple[int, ...]
+    activation: Activation = "hswish"
+    dropout: float = 0.2
+
+    def __post_init__(self) -> None:
+        check_literals(self)
+        _check_options("hidden", self.hidden)
+        ClassifierSpec(1, self.activation, self.dropout)  # same checks as a spec's classifier
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    format_version: Literal[1]
+    name: str
+    input: InputSpec
+    num_classes: int
+    stem: StemSpec
+    stages: tuple[StageSpace, ...]
+    last_conv: LastConvSpace
+    classifier: ClassifierSpace
+    batch_norm: BatchNormSpec = BatchNormSpec()
+    reference: str | None = None  # a built-in spec or path: the hand-designed member (MobileNetV3) to compare with
+
+    def __post_init__(self) -> None:
+        check_literals(self)
+        check_positive("num_classes", self.num_classes)
+        if not self.stages:
+            raise SpecError("stages", "must list at least one stage")
+
+    # -- the one walker -------------------------------------------------------------------------------------------
+
+    def build(self, pick: Pick) -> NetworkSpec:
+        """The member whose every choice is ``pick(name, options)``; names look like ``stage2.block1.kernel``."""
+        blocks = []
+        cin = self.stem.out_channels
+        for s, stage in enumerate(self.stages, start=1):
+            depth = pick(f"stage{s}.depth", stage.depth)
+            width = pick(f"stage{s}.width", stage.width)
+            for b in range(depth):
+                p = f"stage{s}.block{b + 1}"
+                kernel = pick(f"{p}.kernel", stage.kernel)
+                hidden = stage.hidden(cin, pick(f"{p}.expansion", stage.expansion))
+                se = pick(f"{p}.se", stage.se)
+                act = pick(f"{p}.activation", stage.activation)
+                blocks.append(BlockSpec(cin, kernel, hidden, width, se, act, stage.stride if b == 0 else 1))
+                cin = width
+        return NetworkSpec(
+            format_version=1, input=self.input, num_classes=self.num_classes, stem=self.stem, blocks=tuple(blocks),
+            last_conv=LastConvSpec(pick("last_conv.out_channels", self.last_conv.out_channels),
+                                   self.last_conv.activation),
+            classifier=ClassifierSpec(pick("classifier.hidden", self.classifier.hidden), self.classifier.activation,
+                                      self.classifier.dropout),
+            batch_norm=self.batch_norm, metadata={"search_space": self.name})
+
+    def sample(self, rng: random.Random) -> NetworkSpec:
+        """A uniformly random choice at every decision."""
+        return self.build(lambda _name, options: rng.choice(list(options)))
+
+    def largest(self) -> NetworkSpec:
+        """The member with every width, depth, kernel and expansion at its maximum, and SE on."""
+        return self.build(lambda name, options: max(options, key=lambda v: (v == "hswish", v)))
+
+    def smallest(self) -> NetworkSpec:
+        """The member with every width, depth, kernel and expansion at its minimum, and SE off."""
+        return self.build(lambda name, options: min(options, key=lambda v: (v == "hswish", v)))
+
+    def from_choices(self, choices: Mapping[str, Any]) -> NetworkSpec:
+        """The member a flat dict of choices describes (keys of blocks beyond a stage's depth are ignored)."""
+
+        def pick(name: str, options: Sequence[Any]) -> Any:
+            if name not in choices:
+                raise SpecError(name, "missing from the choices")
+            value = choices[name]
+            if value not in options or isinstance(value, bool) != isinstance(options[0], bool):
+                raise SpecError(name, f"{value!r} is not one of {', '.join(map(str, options))}")
+            return value
+
+        return self.build(pick)
+
+    # -- membership ----------------------------------------------------------------------------------------------
+
+    def choices(self, spec: NetworkSpec) -> dict[str, Any]:
+        """The flat dict of choices that rebuilds ``spec`` (metadata aside); a SpecError if it is not a member."""
+        fixed = {"input": self.input, "num_classes": self.num_classes, "stem": self.stem,
+                 "batch_norm": self.batch_norm}
+        for name, value in fixed.items():
+            if getattr(spec, name) != value:
+                raise SpecError(name, f"{getattr(spec, name)} differs from space {self.name!r}: {value}")
+        found = self._match_stages(spec.blocks, 0, self.stem.out_channels)
+        if found is None:
+            raise SpecError("blocks", f"do not fit the stages of space {self.name!r}")
+        found["last_conv.out_channels"] = spec.last_conv.out_channels
+        found["classifier.hidden"] = spec.classifier.hidden
+        rebuilt = self.from_choices(found)
+        for name in ("last_conv", "classifier"):
+            if getattr(rebuilt, name) != getattr(spec, name):
+                raise SpecError(name, f"{getattr(spec, name)} is not a choice of space {self.name!r}")
+        return found
+
+    def contains(self, spec: NetworkSpec) -> bool:
+        try:
+            self.choices(spec)
+        except SpecError:
+            return False
+        return True
+
+    def _match_stages(self, blocks: Sequence[BlockSpec], s: int, cin: int) -> dict[str, Any] | None:
+        if s == len(self.stages):
+            return {} if not blocks else None
+        stage = self.stages[s]
+        for depth in stage.depth:
+            run = blocks[:depth]
+            if len(run) < depth or run[0].out_channels not in stage.width:
+                continue
+            found: dict[str, Any] | None = {f"stage{s + 1}.depth": depth, f"stage{s + 1}.width": run[0].out_channels}
+            c = cin
+            for b, block in enumerate(run):
+                found = self._match_block(stage, f"stage{s + 1}.block{b + 1}", block, c, b, found)
+                if found is None:
+                    break
+                c = block.out_channels
+            rest = None if found is None else self._match_stages(blocks[depth:], s + 1, run[-1].out_channels)
+            if found is not None and rest is not None:
+                return found | rest
+        return None
+
+    @staticmethod
+    def _match_block(stage: StageSpace, prefix: str, block: BlockSpec, cin: int, index: int,
+                     found: dict[str, Any]) -> dict[str, Any] | None:
+        expansion = [o for o in stage.expansion if stage.hidden(cin, o) == block.expanded_channels]
+        ok = (block.in_channels == cin and block.out_channels == found[prefix.split(".")[0] + ".width"]
+              and block.stride == (stage.stride if index == 0 else 1) and block.dilation == 1
+              and block.kernel in stage.kernel and block.se in stage.se and block.activation in stage.activation
+              and expansion)
+        if not ok:
+            return None
+        return found | {f"{prefix}.kernel": block.kernel, f"{prefix}.expansion": expansion[0],
+                        f"{prefix}.se": block.se, f"{prefix}.activation": block.activation}
+
+    def reference_spec(self) -> NetworkSpec | None:
+        return None if self.reference is None else load_spec(self.reference)
+
+    def with_num_classes(self, num_classes: int) -> SearchSpace:
+        """The same space for a data set with ``num_classes`` classes."""
+        return dataclasses.replace(self, num_classes=num_classes)
+
+    def size(self) -> int:
+        """Number of distinct choice combinations (members may coincide when options round alike)."""
+        total = 1
+        for stage in self.stages:
+            per_block = len(stage.kernel) * len(stage.expansion) * len(stage.se) * len(stage.activation)
+            total *= len(stage.width) * sum(per_block ** d for d in stage.depth)
+        return total * len(self.last_conv.out_channels) * len(self.classifier.hidden)
+
+
+def builtin_space_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("nas.spaces").iterdir() if p.name.endswith(".yaml"))
+
+
+def load_space(name_or_path: str | os.PathLike[str]) -> SearchSpace:
+    """Load a search space from YAML, or a built-in one by name (``mobilenetv3_compact``, ...)."""
+    path = _resolve(name_or_path, "search space", "nas.spaces", builtin_space_names())
+    data = read_yaml(path, "search space")
+    try:
+        space = from_data(SearchSpace, data)
+        ref = space.reference_spec()
+    except SpecError as e:
+        raise e.in_file(name_or_path) from None
+    if ref is not None and not space.contains(ref):
+        try:
+            space.choices(ref)
+        except SpecError as e:
+            raise SpecError("reference", f"{space.reference} is not a member: {e}", source=str(name_or_path)) from None
+    return space

@@ -1,0 +1,1 @@
+"""Built-in search spaces (installed as the package ``nas.spaces``, so they resolve by name)."""
