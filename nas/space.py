@@ -13,13 +13,13 @@ import dataclasses
 import os
 import random
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from importlib import resources
 from typing import Any, Literal, TypeVar
 
 from torchvision.models._utils import _make_divisible
 
-from nas._schema import SpecError, check_literals, check_positive, from_data, read_yaml
+from nas._schema import SpecError, check_choice, check_literals, check_positive, from_data, read_yaml
 from nas.spec import (
     Activation,
     BatchNormSpec,
@@ -75,9 +75,7 @@ class StageSpace:
         for name, allowed in (("kernel", (3, 5, 7)), ("activation", ("relu", "hswish")), ("se", (False, True))):
             _check_options(name, getattr(self, name), positive=False)
             for i, v in enumerate(getattr(self, name)):
-                if v not in allowed or isinstance(v, bool) != isinstance(allowed[0], bool):
-                    shown = repr(v) if isinstance(v, str) else v
-                    raise SpecError(f"{name}[{i}]", f"{shown} is not one of {', '.join(map(str, allowed))}")
+                check_choice(f"{name}[{i}]", v, allowed)
         if (self.expand_ratio is None) == (self.expanded_channels is None):
             raise SpecError("expand_ratio", "give exactly one of expand_ratio and expanded_channels")
 
@@ -122,7 +120,7 @@ class SearchSpace:
     stages: tuple[StageSpace, ...]
     last_conv: LastConvSpace
     classifier: ClassifierSpace
-    batch_norm: BatchNormSpec = BatchNormSpec()
+    batch_norm: BatchNormSpec = field(default_factory=BatchNormSpec)
     reference: str | None = None  # a built-in spec or path: the hand-designed member (MobileNetV3) to compare with
 
     def __post_init__(self) -> None:
@@ -219,7 +217,7 @@ class SearchSpace:
             found: dict[str, Any] | None = {f"stage{s + 1}.depth": depth, f"stage{s + 1}.width": run[0].out_channels}
             c = cin
             for b, block in enumerate(run):
-                found = self._match_block(stage, f"stage{s + 1}.block{b + 1}", block, c, b, found)
+                found = self._match_block(stage, f"stage{s + 1}.block{b + 1}", block, c, b, found or {})
                 if found is None:
                     break
                 c = block.out_channels
@@ -267,9 +265,12 @@ def load_space(name_or_path: str | os.PathLike[str]) -> SearchSpace:
     data = read_yaml(path, "search space")
     try:
         space = from_data(SearchSpace, data)
-        ref = space.reference_spec()
     except SpecError as e:
         raise e.in_file(name_or_path) from None
+    try:
+        ref = space.reference_spec()
+    except SpecError as e:
+        raise SpecError("reference", str(e), source=str(name_or_path)) from None
     if ref is not None and not space.contains(ref):
         try:
             space.choices(ref)

@@ -126,7 +126,8 @@ class BatchNormSpec:
 
 @dataclass(frozen=True)
 class NetworkSpec:
-    """A whole network. ``metadata`` is free-form (origin, trial, latency...) and not hashed."""
+    """A whole network. ``metadata`` is free-form (origin, trial, latency...); equality and hashing ignore it,
+    so two specs are equal exactly when they describe the same network."""
 
     format_version: Literal[1]
     input: InputSpec
@@ -135,8 +136,8 @@ class NetworkSpec:
     blocks: tuple[BlockSpec, ...]
     last_conv: LastConvSpec
     classifier: ClassifierSpec
-    batch_norm: BatchNormSpec = BatchNormSpec()
-    metadata: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}), hash=False)
+    batch_norm: BatchNormSpec = field(default_factory=BatchNormSpec)
+    metadata: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}), compare=False)
 
     def __post_init__(self) -> None:
         check_literals(self)

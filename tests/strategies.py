@@ -2,8 +2,7 @@
 
 from hypothesis import strategies as st
 
-from nas.spec import (BatchNormSpec, BlockSpec, ClassifierSpec, InputSpec, LastConvSpec, NetworkSpec,
-                      StemSpec)
+from nas.spec import BatchNormSpec, BlockSpec, ClassifierSpec, InputSpec, LastConvSpec, NetworkSpec, StemSpec
 
 activations = st.sampled_from(["relu", "hswish"])
 channels = st.integers(1, 24)

@@ -62,3 +62,19 @@ def test_every_command_has_help(command: list[str]) -> None:
     r = run(*command, "--help")
     assert r.returncode == 0
     assert "usage: nas" in r.stdout and len(r.stdout.splitlines()) > 3
+
+
+def test_train_supernet_trains_then_reuses_its_checkpoint(tmp_path: Path) -> None:
+    args = ["train-supernet", "--epochs", "1", "--batch-size", "256", "--random-subnets", "0", "--device", "cpu",
+            "--out", str(tmp_path / "sn.pt")]
+    first = run(*args)
+    assert first.returncode == 0, first.stderr
+    assert "largest  subnet: " in first.stdout and "smallest subnet: " in first.stdout
+    assert "trained in" in first.stdout and (tmp_path / "sn.pt").exists()
+    second = run(*args)
+    assert second.returncode == 0 and "reused finished checkpoint" in second.stdout
+    bad = run("train-supernet", "--space", "nope.yaml", "--out", str(tmp_path / "x.pt"))
+    assert bad.returncode == 2 and bad.stderr == "error: nope.yaml: no such file\n"
+    (tmp_path / "broken.pt").write_bytes(b"garbage")
+    broken = run(*args[:-1], str(tmp_path / "broken.pt"))
+    assert broken.returncode == 2 and broken.stderr.startswith("error: ") and broken.stderr.count("\n") == 1

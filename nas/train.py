@@ -1,0 +1,218 @@
+"""Supernet training: the sandwich rule with in-place distillation (BigNAS sec. 3.1, OFA), resumable.
+
+Each step trains the largest subnet on the labels, then the smallest and ``random_subnets`` random ones
+on the largest's soft predictions, accumulating gradients into one optimiser step. Checkpoints are
+written atomically after every epoch and loaded with ``weights_only=True``; rerunning the same command
+resumes from the last one, and a finished checkpoint is reused as a cache.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from nas._schema import SpecError, to_data
+from nas.data import DataSplit
+from nas.space import SearchSpace
+from nas.spec import NetworkSpec
+from nas.supernet import Supernet, recalibrate_bn
+
+CHECKPOINT_VERSION = 1
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    epochs: int = 12
+    batch_size: int = 64
+    lr: float = 0.1
+    weight_decay: float = 5e-5
+    random_subnets: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size"):
+            if getattr(self, name) < 1:
+                raise SpecError(f"--{name.replace('_', '-')}", f"{getattr(self, name)} must be positive")
+        if self.lr <= 0:
+            raise SpecError("--lr", f"{self.lr} must be positive")
+        if self.random_subnets < 0:
+            raise SpecError("--random-subnets", f"{self.random_subnets} must be zero or more")
+
+
+@dataclass
+class TrainResult:
+    supernet: Supernet
+    checkpoint: Path
+    history: list[dict[str, float]]  # one row per epoch: loss, train accuracy of the largest, seconds
+    reused: bool  # True when a finished checkpoint was loaded instead of training
+
+
+def checkpoint_path(space: SearchSpace, data: DataSplit, settings: TrainSettings,
+                    root: str | os.PathLike[str] = "results/supernets") -> Path:
+    """The cache file for this space, data set and training settings."""
+    key = json.dumps([to_data(space), data.key(), dataclasses.asdict(settings)], sort_keys=True)
+    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
+    return Path(root) / f"{space.name}-{data.key()}-{digest}.pt"
+
+
+def _save_atomic(obj: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(path: Path) -> dict[str, Any]:
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except FileNotFoundError:
+        raise SpecError("", "no such supernet checkpoint", source=str(path)) from None
+    except Exception as e:  # a truncated or foreign file: pickle, zip and torch each raise their own type
+        raise SpecError("", f"not a readable supernet checkpoint ({type(e).__name__})", source=str(path)) from None
+    if not isinstance(ckpt, dict) or ckpt.get("version") != CHECKPOINT_VERSION:
+        raise SpecError("", "not a supernet checkpoint of this version of nas", source=str(path))
+    return ckpt
+
+
+def _optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
+    # No weight decay on BN and biases, as in torchvision's and OFA's recipes.
+    decay = [p for n, p in model.named_parameters() if p.dim() > 1]
+    rest = [p for n, p in model.named_parameters() if p.dim() <= 1]
+    return torch.optim.SGD([{"params": decay, "weight_decay": s.weight_decay}, {"params": rest, "weight_decay": 0}],
+                           lr=s.lr, momentum=0.9, nesterov=True)
+
+
+def train_supernet(space: SearchSpace, data: DataSplit, settings: TrainSettings = TrainSettings(), *,
+                   checkpoint: Path | None = None, device: torch.device | str = "cpu",
+                   progress: bool = True) -> TrainResult:
+    """Train (or resume, or reuse) a supernet of ``space`` on ``data``."""
+    space = space.with_num_classes(data.num_classes)
+    device = torch.device(device)
+    path = checkpoint or checkpoint_path(space, data, settings)
+    torch.manual_seed(settings.seed)
+    supernet = Supernet(space)
+    opt = _optimizer(supernet, settings)
+    steps_per_epoch = len(data.train) // settings.batch_size
+    if steps_per_epoch < 1:
+        raise SpecError("--batch-size", f"{settings.batch_size} is more than the {len(data.train)} training images")
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.epochs * steps_per_epoch)
+    rng = random.Random(settings.seed)
+    start, history = 0, []
+    meta = {"space": to_data(space), "data": data.key(), "settings": dataclasses.asdict(settings)}
+    if path.exists():
+        ckpt = load_checkpoint(path)
+        if ckpt["meta"] != meta:
+            raise SpecError("", "was trained with another space, data set or settings", source=str(path))
+        supernet.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        rng.setstate(_as_random_state(ckpt["rng"]))
+        torch.set_rng_state(ckpt["torch_rng"])
+        start, history = ckpt["epoch"], ckpt["history"]
+    supernet.to(device)
+    _optimizer_to(opt, device)
+    if start >= settings.epochs:
+        return TrainResult(supernet.eval(), path, history, reused=True)
+
+    largest, smallest = space.largest(), space.smallest()
+    bar = tqdm(total=settings.epochs * steps_per_epoch, initial=start * steps_per_epoch, disable=not progress,
+               desc=f"supernet {space.name}", unit="step", dynamic_ncols=True)
+    for epoch in range(start, settings.epochs):
+        supernet.train()
+        loader = data.loader("train", settings.batch_size, shuffle=True, seed=settings.seed * 1000 + epoch)
+        total_loss = correct = seen = 0.0
+        t0 = time.perf_counter()
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            opt.zero_grad(set_to_none=True)
+            supernet.activate(largest)
+            logits = supernet(x)
+            loss = F.cross_entropy(logits, y)
+            loss.backward()
+            soft = logits.detach().softmax(dim=1)
+            for spec in [smallest, *(space.sample(rng) for _ in range(settings.random_subnets))]:
+                supernet.activate(spec)
+                F.cross_entropy(supernet(x), soft).backward()  # in-place distillation from the largest
+            opt.step()
+            sched.step()
+            total_loss += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+            bar.update()
+            bar.set_postfix(epoch=f"{epoch + 1}/{settings.epochs}", loss=f"{total_loss / seen:.3f}",
+                            acc=f"{correct / seen:.3f}")
+        history.append({"epoch": epoch + 1, "loss": total_loss / seen, "train_acc_largest": correct / seen,
+                        "seconds": time.perf_counter() - t0})
+        _save_atomic({"version": CHECKPOINT_VERSION, "meta": meta, "epoch": epoch + 1, "history": history,
+                      "model": supernet.state_dict(), "optimizer": opt.state_dict(),
+                      "scheduler": sched.state_dict(), "rng": rng.getstate(), "torch_rng": torch.get_rng_state()},
+                     path)
+    bar.close()
+    supernet.activate(largest)
+    return TrainResult(supernet.eval(), path, history, reused=False)
+
+
+def _as_random_state(state: Any) -> tuple[Any, ...]:
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
+def _optimizer_to(opt: torch.optim.Optimizer, device: torch.device) -> None:
+    for state in opt.state.values():
+        for k, v in state.items():
+            if isinstance(v, torch.Tensor):
+                state[k] = v.to(device)
+
+
+def calibration_batches(data: DataSplit, *, batches: int = 4, batch_size: int = 128, device: torch.device | str = "cpu"
+                        ) -> list[torch.Tensor]:
+    """A fixed set of training images for BN recalibration, the same for every subnet scored."""
+    loader = data.loader("train", batch_size, shuffle=True, seed=12345)
+    out = []
+    for x, _ in loader:
+        out.append(x.to(device))
+        if len(out) == batches:
+            break
+    return out
+
+
+@torch.no_grad()
+def accuracy(model: nn.Module, data: DataSplit, *, batch_size: int = 512, device: torch.device | str = "cpu",
+             max_images: int | None = None) -> float:
+    """Top-1 accuracy on the validation split (the first ``max_images`` of it, if given)."""
+    model.eval()
+    correct = seen = 0
+    for x, y in data.loader("val", batch_size, shuffle=False):
+        if max_images is not None and seen >= max_images:
+            break
+        x, y = x.to(device), y.to(device)
+        correct += (model(x).argmax(1) == y).sum().item()
+        seen += len(y)
+    return correct / seen
+
+
+def score_subnet(supernet: Supernet, spec: NetworkSpec, data: DataSplit, calibration: list[torch.Tensor], *,
+                 device: torch.device | str = "cpu", max_images: int | None = None) -> float:
+    """Proxy accuracy of ``spec`` through the shared weights, with its BN statistics recalibrated first."""
+    supernet.activate(spec)
+    recalibrate_bn(supernet, calibration)
+    return accuracy(supernet, data, device=device, max_images=max_images)
+
+
+def iter_subnets(space: SearchSpace, n: int, seed: int) -> Iterator[NetworkSpec]:
+    rng = random.Random(seed)
+    for _ in range(n):
+        yield space.sample(rng)

@@ -1,0 +1,135 @@
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from torch import nn
+
+import nas
+from nas.data import DataSplit, digits
+from nas.space import load_space
+from nas.supernet import Supernet, recalibrate_bn
+from nas.train import TrainSettings, calibration_batches, load_checkpoint, score_subnet, train_supernet
+
+
+def _randomise(model: nn.Module) -> None:
+    """Weights with O(1) outputs, so a 1e-5 agreement is a real check (the default init gives tiny logits)."""
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.weight.uniform_(0.5, 1.5)
+                m.bias.uniform_(-0.2, 0.2)
+            elif isinstance(m, nn.Linear):
+                m.weight.normal_(0, 2 / m.in_features ** 0.5)
+
+
+@pytest.mark.parametrize(("name", "n"), [("mobilenetv3_compact", 8), ("mobilenetv3_small", 2),
+                                         ("mobilenetv3_large", 2)])
+def test_extracted_subnets_match_the_active_supernet(name: str, n: int) -> None:
+    space = load_space(name)
+    supernet = Supernet(space)
+    _randomise(supernet)
+    res = space.input.resolution
+    batch = 8 if res <= 32 else 2
+    calib = [torch.randn(batch, 3, res, res) for _ in range(2)]
+    rng = random.Random(1)
+    specs = [space.largest(), space.smallest(), *(space.sample(rng) for _ in range(n))]
+    if space.reference_spec() is not None:
+        specs.append(space.reference_spec())
+    for spec in specs:
+        supernet.activate(spec)
+        recalibrate_bn(supernet, calib)
+        net = supernet.extract().eval()
+        supernet.eval()
+        assert isinstance(net, nas.model.Network) and net.spec == spec
+        # The extracted network is nas.build_model(spec) with weights: same keys and shapes.
+        fresh = nas.build_model(spec)
+        assert [(k, v.shape) for k, v in net.state_dict().items()] == [
+            (k, v.shape) for k, v in fresh.state_dict().items()]
+        x = torch.randn(2, 3, res, res)
+        with torch.no_grad():
+            out, ref = supernet(x), net(x)
+        assert out.abs().max() > 0.2  # outputs of order one, not ~0.01
+        assert (out - ref).abs().max().item() <= 1e-5
+
+
+def test_supernet_rejects_a_non_member() -> None:
+    supernet = Supernet(load_space("mobilenetv3_compact"))
+    with pytest.raises(nas.SpecError, match=r"^input: "):
+        supernet.activate(nas.load_spec("mobilenet_v3_small"))
+
+
+def test_subnets_share_weights() -> None:
+    space = load_space("mobilenetv3_compact")
+    supernet = Supernet(space)
+    # One set of module names: the supernet's are the largest network's, nothing registered twice.
+    assert list(supernet.state_dict()) == list(nas.build_model(space.largest()).state_dict())
+    small = supernet.extract(space.smallest())
+    big = supernet.extract(space.largest())
+    # The smallest's first depthwise 3x3 kernel is the centre of the largest's 7x7.
+    w_small = small.features[1].block[0][0].weight
+    w_big = big.features[1].block[1][0].weight
+    assert torch.equal(w_small, w_big[:w_small.shape[0], :, 2:5, 2:5])
+
+
+def _tiny_digits(n_train: int = 192) -> DataSplit:
+    d = digits(32, seed=0)
+    x, y = d.train.tensors
+    return DataSplit("digits-tiny", torch.utils.data.TensorDataset(x[:n_train], y[:n_train]), d.val, d.classes, 32)
+
+
+def test_a_few_training_steps_reduce_the_loss(tmp_path: Path) -> None:
+    space = load_space("mobilenetv3_compact")
+    data = _tiny_digits(384)
+    result = train_supernet(space, data, TrainSettings(epochs=3, batch_size=32, lr=0.1, random_subnets=1),
+                            checkpoint=tmp_path / "sn.pt", progress=False)
+    losses = [h["loss"] for h in result.history]
+    assert len(losses) == 3 and losses[0] > losses[1] > losses[2] and losses[2] < 0.7 * losses[0], losses
+    calib = calibration_batches(data, batches=1)
+    assert score_subnet(result.supernet, space.largest(), data, calib) > 0.3  # chance is 0.1
+
+
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    space = load_space("mobilenetv3_compact")
+    data = _tiny_digits(96)
+    settings = TrainSettings(epochs=3, batch_size=32, random_subnets=1, seed=3)
+    straight = train_supernet(space, data, settings, checkpoint=tmp_path / "a.pt", progress=False)
+
+    import nas.train as train_module
+    real_save = train_module._save_atomic
+    saves = []
+
+    def save_then_interrupt(obj: dict, path: Path) -> None:
+        real_save(obj, path)
+        saves.append(obj["epoch"])
+        if obj["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(train_module, "_save_atomic", save_then_interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        train_supernet(space, data, settings, checkpoint=tmp_path / "b.pt", progress=False)
+    monkeypatch.setattr(train_module, "_save_atomic", real_save)
+    assert load_checkpoint(tmp_path / "b.pt")["epoch"] == 2
+    resumed = train_supernet(space, data, settings, checkpoint=tmp_path / "b.pt", progress=False)
+    assert not resumed.reused
+    for (k, a), b in zip(straight.supernet.state_dict().items(), resumed.supernet.state_dict().values(), strict=True):
+        assert torch.equal(a, b), k
+    again = train_supernet(space, data, settings, checkpoint=tmp_path / "b.pt", progress=False)
+    assert again.reused and again.history == resumed.history
+
+
+def test_bad_checkpoints_are_one_line_errors(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(nas.SpecError, match=r"bad\.pt: not a readable supernet checkpoint"):
+        load_checkpoint(bad)
+    torch.save({"something": 1}, bad)
+    with pytest.raises(nas.SpecError, match="not a supernet checkpoint of this version"):
+        load_checkpoint(bad)
+    space = load_space("mobilenetv3_compact")
+    data = _tiny_digits(64)
+    train_supernet(space, data, TrainSettings(epochs=1, batch_size=32, random_subnets=0), checkpoint=bad.with_name(
+        "x.pt"), progress=False)
+    with pytest.raises(nas.SpecError, match="was trained with another space, data set or settings"):
+        train_supernet(space, data, TrainSettings(epochs=2, batch_size=32, random_subnets=0),
+                       checkpoint=bad.with_name("x.pt"), progress=False)
