@@ -117,6 +117,66 @@ def _run_train_supernet(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_device_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--space", default="mobilenetv3_compact",
+                   help="a built-in search space or a YAML path (default mobilenetv3_compact)")
+    p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="intra-op CPU threads to measure under (default: torch's default on this machine)")
+    p.add_argument("--batch", type=_positive_int, default=1, help="batch size to measure at (default 1)")
+    p.add_argument("--table", default=None,
+                   help="use this latency table file instead of the one for this device under results/latency/")
+    p.add_argument("--force", action="store_true",
+                   help="accept a table made on another device or for another space")
+
+
+def _add_latency(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="latency_command", required=True, metavar="{build,validate}", parser_class=_Parser)
+    build = sub.add_parser("build", help="measure every layer of a space on this device (once)",
+                           description="Measure every distinct layer a search space can hold on this device, "
+                           "fit the whole-network correction, and write the table under results/latency/.")
+    _add_device_args(build)
+    build.add_argument("--rebuild", action="store_true", help="measure again even if a table exists")
+    validate = sub.add_parser("validate", help="compare predictions with real measurements",
+                              description="Sample random architectures of a space, build each with nas.build_model "
+                              "and measure it for real (twice, for the noise floor), and report the predictor's "
+                              "error. Writes the report as JSON under results/latency/.")
+    _add_device_args(validate)
+    validate.add_argument("--n", type=_positive_int, default=100, help="architectures to measure (default 100)")
+    validate.add_argument("--seed", type=int, default=1, help="sampling seed (default 1)")
+
+
+def _run_latency(args: argparse.Namespace) -> int:
+    import time
+
+    from nas.latency import load_predictor, table_path, validate
+    from nas.space import load_space
+
+    space = load_space(args.space)
+    start = time.perf_counter()
+    predictor = load_predictor(space, device=args.device, threads=args.threads, batch_size=args.batch,
+                               table=args.table, force=args.force, rebuild=getattr(args, "rebuild", False))
+    fp = predictor.fingerprint
+    if args.latency_command == "build":
+        print(f"latency table: {predictor.path} ({len(predictor.table)} layers, {fp.describe()}; "
+              f"{time.perf_counter() - start:.0f} s)")
+        print(f"correction: predicted = {predictor.scale:.3f} x sum of layers + {predictor.offset:.3f} ms")
+        ref = space.reference_spec()
+        if ref is not None and space.contains(ref):
+            print(f"reference {space.reference}: {predictor.predict(ref):.3f} ms predicted")
+        for name, spec in (("largest", space.largest()), ("smallest", space.smallest())):
+            print(f"{name}: {predictor.predict(spec):.3f} ms predicted")
+        return 0
+    report = validate(predictor, space, n=args.n, seed=args.seed)
+    print(report.format())
+    table = predictor.path or table_path(space, fp)
+    out = table.with_name(f"validate-{table.stem}-n{args.n}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report.to_json(), indent=2))
+    print(f"report: {out}")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "build": Command(
         "build a network from a spec and summarise it",
@@ -128,6 +188,11 @@ COMMANDS: dict[str, Command] = {
         "Train the supernet of a search space with the sandwich rule and in-place distillation. Checkpoints are "
         "written after every epoch; rerunning the same command resumes an interrupted run or reuses a finished one.",
         _add_train_supernet, _run_train_supernet),
+    "latency": Command(
+        "build and validate this device's latency predictor",
+        "Latency on your own device: 'latency build' measures every layer a search space can hold and fits a "
+        "predictor; 'latency validate' checks its predictions against real measurements of real networks.",
+        _add_latency, _run_latency),
 }
 
 

@@ -14,7 +14,7 @@ import torch
 from torch import nn
 from torchvision.ops.misc import Conv2dNormActivation, SqueezeExcitation
 
-from nas.spec import Activation, BatchNormSpec, BlockSpec, ClassifierSpec, NetworkSpec
+from nas.spec import Activation, BatchNormSpec, BlockSpec, ClassifierSpec, LastConvSpec, NetworkSpec, StemSpec
 
 # The one registry of activations; spec.Activation lists the same names for validation.
 ACTIVATIONS: dict[str, type[nn.Module]] = {"relu": nn.ReLU, "hswish": nn.Hardswish}
@@ -100,6 +100,14 @@ def init_weights(module: nn.Module) -> None:
             nn.init.zeros_(m.bias)
 
 
+def make_stem(in_channels: int, stem: StemSpec, bn: BatchNormSpec) -> Conv2dNormActivation:
+    return conv_bn(in_channels, stem.out_channels, stem.kernel, bn, stem.activation, stride=stem.stride)
+
+
+def make_last_conv(in_channels: int, spec: LastConvSpec, bn: BatchNormSpec) -> Conv2dNormActivation:
+    return conv_bn(in_channels, spec.out_channels, 1, bn, spec.activation)
+
+
 class Network(nn.Module):
     """A MobileNetV3-style network; ``spec`` is the description it was built from."""
 
@@ -107,10 +115,9 @@ class Network(nn.Module):
         super().__init__()
         self.spec = spec
         bn = spec.batch_norm
-        stem = conv_bn(spec.input.channels, spec.stem.out_channels, spec.stem.kernel, bn, spec.stem.activation,
-                       stride=spec.stem.stride)
-        last = conv_bn(spec.blocks[-1].out_channels, spec.last_conv.out_channels, 1, bn, spec.last_conv.activation)
-        self.features = nn.Sequential(stem, *(InvertedResidual(b, bn) for b in spec.blocks), last)
+        last = make_last_conv(spec.blocks[-1].out_channels, spec.last_conv, bn)
+        blocks = (InvertedResidual(b, bn) for b in spec.blocks)
+        self.features = nn.Sequential(make_stem(spec.input.channels, spec.stem, bn), *blocks, last)
         self.avgpool = nn.AdaptiveAvgPool2d(1)
         self.classifier = make_classifier(spec.last_conv.out_channels, spec.classifier, spec.num_classes)
 

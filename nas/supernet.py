@@ -25,12 +25,13 @@ from nas.model import (
     InvertedResidual,
     Network,
     block_layout,
-    conv_bn,
     init_weights,
     make_classifier,
+    make_last_conv,
+    make_stem,
 )
 from nas.space import SearchSpace
-from nas.spec import BlockSpec, ClassifierSpec, NetworkSpec
+from nas.spec import BlockSpec, NetworkSpec
 
 
 def _slot_blocks(space: SearchSpace) -> list[list[BlockSpec]]:
@@ -114,9 +115,9 @@ class Supernet(nn.Module):
         bn = space.batch_norm
         self._slots = _slot_blocks(space)
         flat = [b for stage in self._slots for b in stage]
-        stem = conv_bn(space.input.channels, space.stem.out_channels, space.stem.kernel, bn, space.stem.activation,
-                       stride=space.stem.stride)
-        last = conv_bn(flat[-1].out_channels, max(space.last_conv.out_channels), 1, bn, space.last_conv.activation)
+        largest = space.largest()
+        stem = make_stem(space.input.channels, space.stem, bn)
+        last = make_last_conv(flat[-1].out_channels, largest.last_conv, bn)
         # Module names as in nas.model.Network: features.<i>.block.<j>, avgpool, classifier.
         blocks = [InvertedResidual(b, bn) for b in flat]
         self.features = nn.Sequential(stem, *blocks, last)
@@ -124,12 +125,9 @@ class Supernet(nn.Module):
                        for i, (m, b) in enumerate(zip(blocks, flat, strict=True), start=1)}
         self._last = _conv_bn(last)  # a tuple, so not registered twice
         self.avgpool = nn.AdaptiveAvgPool2d(1)
-        self.classifier = make_classifier(
-            max(space.last_conv.out_channels),
-            ClassifierSpec(max(space.classifier.hidden), space.classifier.activation, space.classifier.dropout),
-            space.num_classes)
+        self.classifier = make_classifier(largest.last_conv.out_channels, largest.classifier, space.num_classes)
         init_weights(self)
-        self._active = self._plan(space.largest())
+        self._active = self._plan(largest)
 
     # -- sample, activate, extract -----------------------------------------------------------------------------------
 

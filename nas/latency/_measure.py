@@ -92,6 +92,6 @@ def measure_module(model: nn.Module, input_shape: tuple[int, ...], *, device: st
 
 def measure(spec: NetworkSpec, *, device: str = "cpu", batch_size: int = 1, threads: int | None = None,
             warmup: int = 10, repeats: int = 30) -> Measurement:
-    """Real latency of ``nas.build_model(spec)`` at the spec's resolution."""
+    """Real latency of ``nas.build_model(spec)`` at the spec's resolution (never a supernet)."""
     shape = (batch_size, spec.input.channels, spec.input.resolution, spec.input.resolution)
     return measure_module(build_model(spec), shape, device=device, threads=threads, warmup=warmup, repeats=repeats)

@@ -1,0 +1,26 @@
+"""Latency on the user's own device: real measurements, and a per-layer predictor validated against them.
+
+``measure(spec)`` times ``nas.build_model(spec)``; ``load_predictor(space)`` builds (once) or loads the
+layer table of a space for this device and predicts any member in microseconds; ``validate`` compares
+the two on random architectures.
+"""
+
+from nas.latency._measure import Measurement, measure, measure_module, num_threads, resolve_device, time_call
+from nas.latency._predictor import (
+    Fingerprint,
+    Layer,
+    Predictor,
+    layers_of,
+    load_predictor,
+    load_table,
+    profile,
+    space_layers,
+    table_path,
+)
+from nas.latency._validate import Validation, validate
+
+__all__ = [
+    "Fingerprint", "Layer", "Measurement", "Predictor", "Validation", "layers_of", "load_predictor", "load_table",
+    "measure", "measure_module", "num_threads", "profile", "resolve_device", "space_layers", "table_path",
+    "time_call", "validate",
+]

@@ -1,0 +1,148 @@
+"""Supernet benchmarks (issue: search spaces and supernet). Run: python tests/benchmarks/bench_supernet.py [part...]
+
+Parts (all by default):
+  forward   forward time of the active supernet vs the extracted network, same batch, as a ratio (goal <= 1.3)
+  digits    the default `train-supernet` on digits: wall time (goal <= 90 s), largest/smallest validation
+            accuracy (goals >= 97% / >= 93%), training throughput in images/s
+  cifar10   supernet training on the CIFAR-10 JPEGs of ../shared/data (32x32, seeded 80/20 split of the
+            50,000 training images): throughput, and largest/smallest accuracy after a stated run
+Figures go to results/BENCHMARKS.md (with date and machine) and results/benchmarks/supernet-*.json.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import statistics
+import sys
+import tarfile
+import tempfile
+import time
+from functools import partial
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import write_section
+
+from nas.data import load_dataset
+from nas.latency import time_call
+from nas.space import load_space
+from nas.supernet import Supernet, recalibrate_bn
+from nas.train import TrainSettings, calibration_batches, score_subnet, train_supernet
+
+ROOT = Path(__file__).resolve().parents[2]
+OUT = ROOT / "results" / "benchmarks"
+CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg-train.tar.gz"
+
+
+def save(name: str, data: dict) -> None:
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"supernet-{name}.json").write_text(json.dumps(data, indent=2))
+
+
+def forward() -> None:
+    rows, cpu = [], torch.device("cpu")
+    for space_name, batch in (("mobilenetv3_compact", 64), ("mobilenetv3_compact", 1), ("mobilenetv3_small", 8)):
+        space = load_space(space_name)
+        supernet = Supernet(space)
+        res = space.input.resolution
+        x = torch.randn(batch, 3, res, res)
+        rng = random.Random(0)
+        specs = {"largest": space.largest(), "smallest": space.smallest(), "reference": space.reference_spec()}
+        specs |= {f"random{i}": space.sample(rng) for i in range(3)}
+        for label, spec in specs.items():
+            supernet.activate(spec)
+            recalibrate_bn(supernet, [x])
+            net = supernet.extract().eval()
+            supernet.eval()
+            ratios = []
+            with torch.inference_mode():
+                for _ in range(5):  # interleaved rounds, so both see the same machine noise
+                    a = statistics.median(time_call(partial(supernet, x), cpu, warmup=2, repeats=5))
+                    b = statistics.median(time_call(partial(net, x), cpu, warmup=2, repeats=5))
+                    ratios.append(a / b)
+            rows.append({"space": space_name, "batch": batch, "subnet": label, "supernet_ms": a, "extracted_ms": b,
+                         "ratio": statistics.median(ratios)})
+            print(rows[-1], flush=True)
+    save("forward", {"rows": rows})
+    table = ["| space | batch | subnet | supernet ms | extracted ms | ratio (median of 5 rounds) |",
+             "|---|---|---|---|---|---|"]
+    table += [f"| {r['space']} | {r['batch']} | {r['subnet']} | {r['supernet_ms']:.2f} | {r['extracted_ms']:.2f} | "
+              f"{r['ratio']:.2f} |" for r in rows]
+    overall = statistics.median(r["ratio"] for r in rows)
+    write_section("supernet-forward", "Supernet forward vs extracted network (goal: ratio <= 1.3)",
+                  f"Eval mode, inference mode, the same input batch; ratio = active supernet / extracted "
+                  f"`nas.build_model` network. Median ratio over all rows: **{overall:.2f}** "
+                  f"(worst {max(r['ratio'] for r in rows):.2f}).\n\n" + "\n".join(table))
+
+
+def _train_and_score(space_name: str, dataset: str, settings: TrainSettings, data=None) -> dict:
+    space = load_space(space_name)
+    data = data or load_dataset(dataset, space.input.resolution, seed=settings.seed)
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        result = train_supernet(space, data, settings, checkpoint=Path(tmp) / "sn.pt", progress=False)
+        seconds = time.perf_counter() - start
+    calib = calibration_batches(data)
+    acc = {name: score_subnet(result.supernet, spec, data, calib)
+           for name, spec in (("largest", space.largest()), ("smallest", space.smallest()),
+                              ("reference", space.reference_spec()))}
+    images = len(data.train) // settings.batch_size * settings.batch_size * settings.epochs
+    return {"space": space_name, "dataset": dataset, "settings": settings.__dict__, "train_images": len(data.train),
+            "val_images": len(data.val), "wall_s": seconds, "images_per_s": images / seconds,
+            "subnet_passes_per_step": 2 + settings.random_subnets, "val_acc": acc,
+            "epoch_s": [h["seconds"] for h in result.history]}
+
+
+def digits() -> None:
+    r = _train_and_score("mobilenetv3_compact", "digits", TrainSettings())
+    save("digits", r)
+    s = r["settings"]
+    write_section("supernet-digits", "Default supernet training on digits (goals: <= 90 s, largest >= 97%, "
+                  "smallest >= 93%)",
+                  f"`python -m nas train-supernet` defaults: space mobilenetv3_compact, {s['epochs']} epochs, batch "
+                  f"{s['batch_size']}, lr {s['lr']}, {s['random_subnets']} random subnet(s) per step besides the "
+                  f"largest and smallest; {r['train_images']} training / {r['val_images']} validation images.\n\n"
+                  f"| figure | value |\n|---|---|\n"
+                  f"| training wall time | {r['wall_s']:.1f} s |\n"
+                  f"| throughput | {r['images_per_s']:.0f} images/s ({r['subnet_passes_per_step']} subnet passes "
+                  f"per image) |\n"
+                  f"| largest subnet, val accuracy | {r['val_acc']['largest']:.2%} |\n"
+                  f"| smallest subnet, val accuracy | {r['val_acc']['smallest']:.2%} |\n"
+                  f"| reference (MobileNetV3-Small layout), val accuracy | {r['val_acc']['reference']:.2%} |")
+
+
+def cifar10(epochs: int = 3) -> None:
+    if not CIFAR.exists():
+        print(f"skipped: {CIFAR} is absent")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        with tarfile.open(CIFAR, "r:gz") as tar:
+            tar.extractall(tmp, filter="data")
+        data = load_dataset(f"folder:{tmp}/train", 32, seed=0)
+        load_s = time.perf_counter() - start
+    settings = TrainSettings(epochs=epochs, batch_size=128, lr=0.1, random_subnets=1)
+    r = _train_and_score("mobilenetv3_compact", "cifar10-jpeg", settings, data=data)
+    r["extract_and_decode_s"] = load_s
+    save("cifar10", r)
+    write_section("supernet-cifar10", "Supernet training on CIFAR-10 JPEGs (32x32)",
+                  f"The 50,000 JPEGs of ../shared/data, decoded once ({load_s:.0f} s to extract and decode), split "
+                  f"80/20 with seed 0: {r['train_images']} training, {r['val_images']} validation images. Space "
+                  f"mobilenetv3_compact, {epochs} epochs, batch 128, lr 0.1 cosine, 1 random subnet per step besides "
+                  f"the largest and smallest, no augmentation.\n\n"
+                  f"| figure | value |\n|---|---|\n"
+                  f"| training wall time | {r['wall_s'] / 60:.1f} min |\n"
+                  f"| throughput | {r['images_per_s']:.0f} images/s ({r['subnet_passes_per_step']} subnet passes "
+                  f"per image) |\n"
+                  f"| largest subnet, val accuracy | {r['val_acc']['largest']:.2%} |\n"
+                  f"| smallest subnet, val accuracy | {r['val_acc']['smallest']:.2%} |\n"
+                  f"| reference (MobileNetV3-Small layout), val accuracy | {r['val_acc']['reference']:.2%} |")
+
+
+if __name__ == "__main__":
+    parts = sys.argv[1:] or ["forward", "digits", "cifar10"]
+    for part in parts:
+        {"forward": forward, "digits": digits, "cifar10": cifar10}[part]()
