@@ -14,7 +14,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -89,12 +89,74 @@ def load_checkpoint(path: Path) -> dict[str, Any]:
     return ckpt
 
 
-def _optimizer(model: nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
+def _optimizer(model: nn.Module, s: TrainSettings, params: list[nn.Parameter] | None = None) -> torch.optim.Optimizer:
     # No weight decay on BN and biases, as in torchvision's and OFA's recipes.
-    decay = [p for n, p in model.named_parameters() if p.dim() > 1]
-    rest = [p for n, p in model.named_parameters() if p.dim() <= 1]
+    params = list(model.parameters()) if params is None else params
+    decay = [p for p in params if p.dim() > 1]
+    rest = [p for p in params if p.dim() <= 1]
     return torch.optim.SGD([{"params": decay, "weight_decay": s.weight_decay}, {"params": rest, "weight_decay": 0}],
                            lr=s.lr, momentum=0.9, nesterov=True)
+
+
+Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (x, y) -> (loss, logits)
+
+
+def fit(model: nn.Module, data: DataSplit, settings: TrainSettings, step: Step, *, path: Path,
+        meta: dict[str, Any], device: torch.device, progress: bool, desc: str,
+        rng: random.Random | None = None, params: list[nn.Parameter] | None = None
+        ) -> tuple[list[dict[str, float]], bool]:
+    """The epoch loop shared by supernet and stand-alone training: SGD with cosine decay, one atomic
+    checkpoint per epoch, resume from ``path`` (refused when ``meta`` differs), reuse when finished.
+
+    ``step`` computes the loss of a batch and calls ``backward``; returns (history, reused).
+    """
+    opt = _optimizer(model, settings, params)
+    steps_per_epoch = len(data.train) // settings.batch_size
+    if steps_per_epoch < 1:
+        raise SpecError("--batch-size", f"{settings.batch_size} is more than the {len(data.train)} training images")
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.epochs * steps_per_epoch)
+    start, history = 0, []
+    if path.exists():
+        ckpt = load_checkpoint(path)
+        if ckpt["meta"] != meta:
+            raise SpecError("", "was trained with another network, data set or settings", source=str(path))
+        model.load_state_dict(ckpt["model"])
+        opt.load_state_dict(ckpt["optimizer"])
+        sched.load_state_dict(ckpt["scheduler"])
+        if rng is not None:
+            rng.setstate(_as_random_state(ckpt["rng"]))
+        torch.set_rng_state(ckpt["torch_rng"])
+        start, history = ckpt["epoch"], ckpt["history"]
+    model.to(device)
+    _optimizer_to(opt, device)
+    if start >= settings.epochs:
+        return history, True
+    bar = tqdm(total=settings.epochs * steps_per_epoch, initial=start * steps_per_epoch, disable=not progress,
+               desc=desc, unit="step", dynamic_ncols=True)
+    for epoch in range(start, settings.epochs):
+        model.train()
+        loader = data.loader("train", settings.batch_size, shuffle=True, seed=settings.seed * 1000 + epoch)
+        total_loss = correct = seen = 0.0
+        t0 = time.perf_counter()
+        for x, y in loader:
+            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+            opt.zero_grad(set_to_none=True)
+            loss, logits = step(x, y)
+            opt.step()
+            sched.step()
+            total_loss += loss.item() * len(y)
+            correct += (logits.argmax(1) == y).sum().item()
+            seen += len(y)
+            bar.update()
+            bar.set_postfix(epoch=f"{epoch + 1}/{settings.epochs}", loss=f"{total_loss / seen:.3f}",
+                            acc=f"{correct / seen:.3f}")
+        history.append({"epoch": epoch + 1, "loss": total_loss / seen, "train_acc": correct / seen,
+                        "seconds": time.perf_counter() - t0})
+        _save_atomic({"version": CHECKPOINT_VERSION, "meta": meta, "epoch": epoch + 1, "history": history,
+                      "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
+                      "rng": None if rng is None else rng.getstate(), "torch_rng": torch.get_rng_state()}, path)
+    bar.close()
+    return history, False
 
 
 def train_supernet(space: SearchSpace, data: DataSplit, settings: TrainSettings = TrainSettings(), *,
@@ -106,65 +168,25 @@ def train_supernet(space: SearchSpace, data: DataSplit, settings: TrainSettings 
     path = checkpoint or checkpoint_path(space, data, settings)
     torch.manual_seed(settings.seed)
     supernet = Supernet(space)
-    opt = _optimizer(supernet, settings)
-    steps_per_epoch = len(data.train) // settings.batch_size
-    if steps_per_epoch < 1:
-        raise SpecError("--batch-size", f"{settings.batch_size} is more than the {len(data.train)} training images")
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.epochs * steps_per_epoch)
     rng = random.Random(settings.seed)
-    start, history = 0, []
-    meta = {"space": to_data(space), "data": data.key(), "settings": dataclasses.asdict(settings)}
-    if path.exists():
-        ckpt = load_checkpoint(path)
-        if ckpt["meta"] != meta:
-            raise SpecError("", "was trained with another space, data set or settings", source=str(path))
-        supernet.load_state_dict(ckpt["model"])
-        opt.load_state_dict(ckpt["optimizer"])
-        sched.load_state_dict(ckpt["scheduler"])
-        rng.setstate(_as_random_state(ckpt["rng"]))
-        torch.set_rng_state(ckpt["torch_rng"])
-        start, history = ckpt["epoch"], ckpt["history"]
-    supernet.to(device)
-    _optimizer_to(opt, device)
-    if start >= settings.epochs:
-        return TrainResult(supernet.eval(), path, history, reused=True)
-
     largest, smallest = space.largest(), space.smallest()
-    bar = tqdm(total=settings.epochs * steps_per_epoch, initial=start * steps_per_epoch, disable=not progress,
-               desc=f"supernet {space.name}", unit="step", dynamic_ncols=True)
-    for epoch in range(start, settings.epochs):
-        supernet.train()
-        loader = data.loader("train", settings.batch_size, shuffle=True, seed=settings.seed * 1000 + epoch)
-        total_loss = correct = seen = 0.0
-        t0 = time.perf_counter()
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-            opt.zero_grad(set_to_none=True)
-            supernet.activate(largest)
-            logits = supernet(x)
-            loss = F.cross_entropy(logits, y)
-            loss.backward()
-            soft = logits.detach().softmax(dim=1)
-            for spec in [smallest, *(space.sample(rng) for _ in range(settings.random_subnets))]:
-                supernet.activate(spec)
-                F.cross_entropy(supernet(x), soft).backward()  # in-place distillation from the largest
-            opt.step()
-            sched.step()
-            total_loss += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
-            bar.update()
-            bar.set_postfix(epoch=f"{epoch + 1}/{settings.epochs}", loss=f"{total_loss / seen:.3f}",
-                            acc=f"{correct / seen:.3f}")
-        history.append({"epoch": epoch + 1, "loss": total_loss / seen, "train_acc_largest": correct / seen,
-                        "seconds": time.perf_counter() - t0})
-        _save_atomic({"version": CHECKPOINT_VERSION, "meta": meta, "epoch": epoch + 1, "history": history,
-                      "model": supernet.state_dict(), "optimizer": opt.state_dict(),
-                      "scheduler": sched.state_dict(), "rng": rng.getstate(), "torch_rng": torch.get_rng_state()},
-                     path)
-    bar.close()
+
+    def sandwich(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        supernet.activate(largest)
+        logits = supernet(x)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        soft = logits.detach().softmax(dim=1)
+        for spec in [smallest, *(space.sample(rng) for _ in range(settings.random_subnets))]:
+            supernet.activate(spec)
+            F.cross_entropy(supernet(x), soft).backward()  # in-place distillation from the largest
+        return loss, logits
+
+    meta = {"space": to_data(space), "data": data.key(), "settings": dataclasses.asdict(settings)}
+    history, reused = fit(supernet, data, settings, sandwich, path=path, meta=meta, device=device,
+                          progress=progress, desc=f"supernet {space.name}", rng=rng)
     supernet.activate(largest)
-    return TrainResult(supernet.eval(), path, history, reused=False)
+    return TrainResult(supernet.eval(), path, history, reused)
 
 
 def _as_random_state(state: Any) -> tuple[Any, ...]:

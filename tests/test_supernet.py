@@ -130,6 +130,6 @@ def test_bad_checkpoints_are_one_line_errors(tmp_path: Path) -> None:
     data = _tiny_digits(64)
     train_supernet(space, data, TrainSettings(epochs=1, batch_size=32, random_subnets=0), checkpoint=bad.with_name(
         "x.pt"), progress=False)
-    with pytest.raises(nas.SpecError, match="was trained with another space, data set or settings"):
+    with pytest.raises(nas.SpecError, match="was trained with another network, data set or settings"):
         train_supernet(space, data, TrainSettings(epochs=2, batch_size=32, random_subnets=0),
                        checkpoint=bad.with_name("x.pt"), progress=False)

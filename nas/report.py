@@ -1,0 +1,234 @@
+"""Reports of a study, computed from its storage alone: a plain object first, files and figures second.
+
+``build_report`` reads the study; ``write_report`` writes ``specs/`` (one YAML per feasible Pareto-optimal
+architecture, ranked by accuracy), ``trials.csv``, ``pareto.html`` and ``history.html`` (plotly, with
+plotly.js embedded so they open offline).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import pandas as pd
+import plotly.graph_objects as go
+import torch
+
+from nas._schema import SpecError
+from nas.latency import measure
+from nas.model import build_model
+from nas.search import feasible, open_storage, study_config, trial_spec
+from nas.spec import NetworkSpec, save_spec
+
+
+@dataclass(frozen=True)
+class ParetoEntry:
+    rank: int
+    trial: int
+    accuracy: float  # proxy accuracy through the supernet
+    predicted_ms: float
+    measured_ms: float | None  # nas.build_model(spec) timed for real on the table's device, when available
+    params: int
+    spec: NetworkSpec
+
+
+@dataclass(frozen=True)
+class Report:
+    study: str
+    config: dict[str, Any]
+    limit_ms: float
+    trials: pd.DataFrame  # one row per trial: number, state, objectives, feasibility, Pareto flag, choices
+    pareto: tuple[ParetoEntry, ...]
+    reference: dict[str, Any] | None  # the space's MobileNetV3 member: accuracy, predicted latency
+    hypervolume: float
+
+
+def load_study(study_name: str, storage: str | None = None, results: str = "results") -> optuna.Study:
+    url = storage or f"sqlite:///{Path(results) / study_name / 'study.db'}"
+    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
+        raise SpecError("--study", f"no study {study_name!r}: {url[len('sqlite:///'):]} does not exist")
+    try:
+        return optuna.load_study(study_name=study_name, storage=open_storage(url))
+    except KeyError:
+        raise SpecError("--study", f"no study {study_name!r} in {url}") from None
+
+
+def hypervolume(points: list[tuple[float, float]], limit_ms: float) -> float:
+    """Area dominated by (accuracy, latency) points inside accuracy [0, 1] x latency [0, limit], normalised
+    so 1.0 is a perfect network at zero latency. Infeasible points add nothing."""
+    from optuna._hypervolume import compute_hypervolume  # Optuna's exact WFG; no public alias in 5.x
+
+    losses = np.array([(-a, ms / limit_ms) for a, ms in points if ms <= limit_ms], dtype=float)
+    if len(losses) == 0:
+        return 0.0
+    return float(compute_hypervolume(losses, np.array([0.0, 1.0])))
+
+
+def build_report(study: optuna.Study, *, measure_latency: bool = True) -> Report:
+    config = study_config(study)
+    limit = float(config["latency_limit_ms"])
+    complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
+    best = {t.number for t in study.best_trials}
+    rows = []
+    for t in study.get_trials(deepcopy=False):
+        done = t.state == optuna.trial.TrialState.COMPLETE
+        rows.append({"number": t.number, "state": t.state.name,
+                     "accuracy": t.values[0] if done else None, "predicted_latency_ms": t.values[1] if done else None,
+                     "feasible": feasible(t) if t.constraints else None, "pareto": t.number in best,
+                     "duration_s": t.duration.total_seconds() if t.duration else None,
+                     **{f"params_{k}": v for k, v in t.params.items()}})
+    trials = pd.DataFrame(rows, columns=None if rows else ["number", "state", "accuracy", "predicted_latency_ms",
+                                                           "feasible", "pareto", "duration_s"])
+    fp = config.get("latency_fingerprint", {})
+    can_measure = measure_latency and (fp.get("device") == "cpu" or torch.cuda.is_available())
+    ranked = sorted((t for t in complete if t.number in best), key=lambda t: (-t.values[0], t.values[1]))
+    pareto = []
+    for rank, t in enumerate(ranked, start=1):
+        spec = trial_spec(t)
+        measured = measure(spec, device=fp.get("device", "cpu"), threads=fp.get("threads"),
+                           batch_size=fp.get("batch_size", 1)).median_ms if can_measure else None
+        spec = spec.with_metadata(
+            origin=f"nas search, study {study.study_name}, trial {t.number}", search_space=config["space_name"],
+            dataset=config["dataset"], trial=t.number, rank=rank, proxy_accuracy=round(t.values[0], 6),
+            predicted_latency_ms=round(t.values[1], 4),
+            measured_latency_ms=None if measured is None else round(measured, 4),
+            latency_device=fp.get("processor"), latency_limit_ms=round(limit, 4))
+        params = sum(p.numel() for p in build_model(spec).parameters())
+        pareto.append(ParetoEntry(rank, t.number, t.values[0], t.values[1], measured, params, spec))
+    hv = hypervolume([(t.values[0], t.values[1]) for t in complete if feasible(t)], limit)
+    return Report(study.study_name, config, limit, trials, tuple(pareto), study.user_attrs.get("reference"), hv)
+
+
+def _architecture(spec_data: dict[str, Any]) -> str:
+    blocks = spec_data["blocks"]
+    return (f"{len(blocks)} blocks<br>k {' '.join(str(b['kernel']) for b in blocks)}"
+            f"<br>exp {' '.join(str(b['expanded_channels']) for b in blocks)}"
+            f"<br>out {' '.join(str(b['out_channels']) for b in blocks)}"
+            f"<br>se {''.join('+' if b['se'] else '-' for b in blocks)}"
+            f"<br>act {''.join('h' if b['activation'] == 'hswish' else 'r' for b in blocks)}")
+
+
+def pareto_figure(report: Report, study: optuna.Study) -> go.Figure:
+    complete = {t.number: t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))}
+    fig = go.Figure()
+    df = report.trials[report.trials["state"] == "COMPLETE"]
+    for label, mask, style in (
+            ("infeasible (over the latency limit)", df["feasible"] == False,  # noqa: E712 - pandas mask
+             {"color": "lightgray", "symbol": "x"}),
+            ("feasible", (df["feasible"] == True) & ~df["pareto"], {"color": "#4c78a8"})):  # noqa: E712
+        part = df[mask]
+        fig.add_trace(go.Scatter(
+            x=part["predicted_latency_ms"], y=part["accuracy"], mode="markers", name=label, marker=style,
+            text=[f"trial {n}<br>{_architecture(complete[n].user_attrs['spec'])}" for n in part["number"]],
+            hovertemplate="%{text}<br>%{x:.3f} ms, acc %{y:.4f}<extra></extra>"))
+    front = sorted(report.pareto, key=lambda e: e.predicted_ms)
+    fig.add_trace(go.Scatter(
+        x=[e.predicted_ms for e in front], y=[e.accuracy for e in front], mode="lines+markers",
+        name="Pareto-optimal (exported)", marker={"color": "#e45756", "size": 10}, line={"shape": "hv"},
+        text=[f"rank {e.rank}, trial {e.trial}<br>{_architecture(complete[e.trial].user_attrs['spec'])}"
+              for e in front],
+        hovertemplate="%{text}<br>%{x:.3f} ms, acc %{y:.4f}<extra></extra>"))
+    if report.reference is not None:
+        ref = report.reference
+        fig.add_trace(go.Scatter(
+            x=[ref["predicted_latency_ms"]], y=[ref["accuracy"]], mode="markers", name="MobileNetV3 reference",
+            marker={"color": "black", "symbol": "star", "size": 16},
+            text=[_architecture(ref["spec"])], hovertemplate="reference<br>%{text}<br>%{x:.3f} ms, "
+                                                             "acc %{y:.4f}<extra></extra>"))
+    fig.add_vline(x=report.limit_ms, line_dash="dash", line_color="gray",
+                  annotation_text=f"limit {report.limit_ms:.2f} ms")
+    c = report.config
+    fig.update_layout(title=f"{report.study}: proxy accuracy vs predicted latency ({c['space_name']}, "
+                            f"{c['dataset']}, {c['sampler']})",
+                      xaxis_title=f"predicted latency, ms ({c['latency_fingerprint'].get('processor', '')})",
+                      yaxis_title="validation accuracy through the supernet", template="plotly_white")
+    return fig
+
+
+def history_figure(report: Report) -> go.Figure:
+    df = report.trials[report.trials["state"] == "COMPLETE"].sort_values("number")
+    ok = df[df["feasible"] == True]  # noqa: E712 - pandas mask
+    best = ok["accuracy"].cummax()
+    fig = go.Figure()
+    fig.add_trace(go.Scatter(x=df["number"], y=df["accuracy"], mode="markers", name="trial accuracy",
+                             marker={"color": ["#4c78a8" if f else "lightgray" for f in df["feasible"]]}))
+    fig.add_trace(go.Scatter(x=ok["number"], y=best, mode="lines", name="best feasible so far",
+                             line={"color": "#e45756", "shape": "hv"}))
+    fig.update_layout(title=f"{report.study}: search progress (gray: over the latency limit)",
+                      xaxis_title="trial", yaxis_title="validation accuracy through the supernet",
+                      template="plotly_white")
+    return fig
+
+
+def export_specs(report: Report, out: str | os.PathLike[str], top: int | None = None) -> list[Path]:
+    """Write the ranked Pareto specs to ``out`` (replacing its YAML files as a whole)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    names = []
+    for e in report.pareto[:top]:
+        name = f"rank{e.rank:02d}-trial{e.trial:04d}.yaml"
+        save_spec(e.spec, tmp / name)
+        names.append(out / name)
+    # Swap folders by renames, so readers (and a second worker reporting at the same moment) never see a
+    # half-written one; the loser of a race simply retries.
+    for _ in range(10):
+        old = out.with_name(f".{out.name}.old.{os.getpid()}")
+        with contextlib.suppress(FileNotFoundError):
+            os.replace(out, old)
+        try:
+            os.replace(tmp, out)
+        except OSError:
+            continue
+        finally:
+            shutil.rmtree(old, ignore_errors=True)
+        return names
+    raise SpecError("", "could not replace it: another process keeps writing there", source=str(out))
+
+
+def _write_atomic(path: Path, write: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write(tmp)
+    os.replace(tmp, path)
+
+
+def write_report(report: Report, study: optuna.Study, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"specs": out / "specs", "trials": out / "trials.csv", "pareto": out / "pareto.html",
+             "history": out / "history.html"}
+    export_specs(report, paths["specs"])
+    _write_atomic(paths["trials"], lambda p: report.trials.to_csv(p, index=False))
+    _write_atomic(paths["pareto"], lambda p: pareto_figure(report, study).write_html(p, include_plotlyjs=True))
+    _write_atomic(paths["history"], lambda p: history_figure(report).write_html(p, include_plotlyjs=True))
+    return paths
+
+
+def format_summary(report: Report, paths: dict[str, Path] | None = None, top: int = 10) -> str:
+    counts = report.trials["state"].value_counts().to_dict()
+    done = report.trials[report.trials["state"] == "COMPLETE"]
+    lines = [f"study {report.study}: {counts.get('COMPLETE', 0)} complete trials"
+             + "".join(f", {n} {s.lower()}" for s, n in counts.items() if s != "COMPLETE")
+             + f"; {int((done['feasible'] == True).sum())} within the {report.limit_ms:.3f} ms limit; "  # noqa: E712
+             f"hypervolume {report.hypervolume:.4f}"]
+    if report.reference is not None:
+        r = report.reference
+        lines.append(f"reference (MobileNetV3 member): accuracy {r['accuracy']:.4f}, predicted "
+                     f"{r['predicted_latency_ms']:.3f} ms")
+    table = pd.DataFrame([{"rank": e.rank, "trial": e.trial, "accuracy": f"{e.accuracy:.4f}",
+                           "predicted ms": f"{e.predicted_ms:.3f}",
+                           "measured ms": "" if e.measured_ms is None else f"{e.measured_ms:.3f}",
+                           "blocks": len(e.spec.blocks), "params": f"{e.params:,}"} for e in report.pareto[:top]])
+    lines += ["", "feasible Pareto-optimal architectures (best accuracy first):",
+              table.to_string(index=False) if len(table) else "  none: no trial met the latency limit"]
+    if paths:
+        lines += ["", f"specs:   {paths['specs']}/ (rebuild with nas.build_model(nas.load_spec(PATH)))",
+                  f"trials:  {paths['trials']}", f"plots:   {paths['pareto']}, {paths['history']}"]
+    return "\n".join(lines)

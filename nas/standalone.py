@@ -1,0 +1,117 @@
+"""Stand-alone training of any spec from scratch (or fine-tuning torchvision's MobileNetV3), and
+verification of a search: does the supernet's proxy accuracy rank architectures as real training does?
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from scipy.stats import kendalltau, spearmanr
+from torch import nn
+
+from nas._schema import SpecError, to_data
+from nas.data import DataSplit
+from nas.latency import Measurement, measure
+from nas.model import Network, build_model
+from nas.spec import NetworkSpec, load_spec
+from nas.supernet import recalibrate_bn
+from nas.train import TrainSettings, accuracy, calibration_batches, fit
+
+TORCHVISION_SPECS = {"mobilenet_v3_large": "MobileNet_V3_Large_Weights",
+                     "mobilenet_v3_small": "MobileNet_V3_Small_Weights"}
+
+
+@dataclass
+class Trained:
+    spec: NetworkSpec
+    model: Network
+    val_accuracy: float
+    latency: Measurement
+    history: list[dict[str, float]]
+    checkpoint: Path
+    reused: bool
+
+    def metrics(self, source: str, dataset: str, settings: TrainSettings, init: str | None) -> dict[str, Any]:
+        return {"spec": source, "dataset": dataset, "init": init, "settings": dataclasses.asdict(settings),
+                "val_accuracy": self.val_accuracy, "latency": dataclasses.asdict(self.latency),
+                "params": sum(p.numel() for p in self.model.parameters()), "history": self.history,
+                "checkpoint": str(self.checkpoint)}
+
+
+def _torchvision_init(spec: NetworkSpec, model: Network, num_classes: int) -> list[nn.Parameter]:
+    """Load torchvision's ImageNet weights (from the local torch hub cache) and train only a new last layer."""
+    import torchvision
+
+    arch = spec.without_metadata()
+    matches = [name for name in TORCHVISION_SPECS
+               if load_spec(name) == dataclasses.replace(arch, num_classes=1000)]
+    if not matches:
+        raise SpecError("--init", "torchvision weights exist only for the mobilenet_v3_large and mobilenet_v3_small "
+                                  "specs (any number of classes)")
+    weights = getattr(torchvision.models, TORCHVISION_SPECS[matches[0]]).IMAGENET1K_V1
+    path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
+    if not path.exists():
+        raise SpecError("--init", f"pretrained weights not found at {path}; download {weights.url} there "
+                                  "(this machine has no network)")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    full = build_model(dataclasses.replace(spec, num_classes=1000))
+    full.load_state_dict(state, strict=True)
+    model.load_state_dict({k: v for k, v in full.state_dict().items() if not k.startswith("classifier.3.")},
+                          strict=False)
+    for name, p in model.named_parameters():  # transfer learning: frozen features, new classifier head
+        p.requires_grad = name.startswith("classifier.")
+    return [p for p in model.parameters() if p.requires_grad]
+
+
+def train_network(spec: NetworkSpec, data: DataSplit, settings: TrainSettings, *, checkpoint: Path,
+                  device: torch.device | str = "cpu", init: str | None = None, progress: bool = True,
+                  measure_latency: bool = True) -> Trained:
+    """Train ``nas.build_model(spec)`` on ``data`` (resumable through ``checkpoint``) and evaluate it."""
+    if spec.num_classes != data.num_classes:
+        spec = dataclasses.replace(spec, num_classes=data.num_classes)
+    if spec.input.resolution != data.resolution:
+        raise SpecError("--dataset", f"was loaded at {data.resolution}px, the spec takes {spec.input.resolution}px")
+    device = torch.device(device)
+    torch.manual_seed(settings.seed)
+    model = build_model(spec)
+    params = _torchvision_init(spec, model, data.num_classes) if init == "torchvision" else None
+
+    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits = model(x)
+        loss = F.cross_entropy(logits, y)
+        loss.backward()
+        return loss, logits
+
+    meta = {"spec": to_data(spec.without_metadata()), "data": data.key(), "init": init,
+            "settings": dataclasses.asdict(settings)}
+    history, reused = fit(model, data, settings, step, path=checkpoint, meta=meta, device=device,
+                          progress=progress, desc=f"training {len(spec.blocks)}-block network", params=params)
+    # Precise BN: with torchvision's momentum of 0.01, running statistics lag far behind the weights in short
+    # runs; re-estimating them on training images gives the network's real accuracy.
+    recalibrate_bn(model, calibration_batches(data, batches=8, device=device))
+    acc = accuracy(model, data, device=device)
+    latency = measure(spec) if measure_latency else Measurement(float("nan"), float("nan"), float("nan"), 0, "cpu",
+                                                                 torch.get_num_threads(), 1)
+    return Trained(spec, model.eval(), acc, latency, history, checkpoint, reused)
+
+
+def checkpoint_for(spec: NetworkSpec, data: DataSplit, settings: TrainSettings, init: str | None,
+                   root: str | os.PathLike[str]) -> Path:
+    key = json.dumps([to_data(spec.without_metadata()), data.key(), dataclasses.asdict(settings), init],
+                     sort_keys=True)
+    return Path(root) / f"net-{data.key()}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.pt"
+
+
+def rank_agreement(proxy: list[float], standalone: list[float]) -> tuple[float, float]:
+    """Kendall's tau and Spearman's rho between proxy and stand-alone accuracies."""
+    if len(proxy) < 2:
+        raise SpecError("--top", "rank agreement needs at least two architectures")
+    return float(kendalltau(proxy, standalone).statistic), float(spearmanr(proxy, standalone).statistic)

@@ -1,0 +1,115 @@
+"""``nas verify``: retrain a study's top Pareto specs and its MobileNetV3 reference with one recipe, and
+measure how well the supernet's proxy accuracy ranks them (Kendall tau, Spearman rho)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+from nas.data import load_dataset
+from nas.report import build_report
+from nas.search import study_config
+from nas.space import load_space
+from nas.spec import spec_from_dict
+from nas.standalone import checkpoint_for, rank_agreement, train_network
+from nas.train import TrainSettings
+
+
+@dataclass(frozen=True)
+class VerifyRow:
+    name: str  # "rank01-trial0042" or "reference"
+    proxy_accuracy: float
+    standalone_accuracy: float
+    predicted_ms: float
+    measured_ms: float
+
+
+@dataclass(frozen=True)
+class Verification:
+    study: str
+    dataset: str
+    settings: dict[str, Any]
+    rows: tuple[VerifyRow, ...]
+    kendall_tau: float
+    spearman_rho: float
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def format(self) -> str:
+        table = pd.DataFrame([{"network": r.name, "proxy acc": f"{r.proxy_accuracy:.4f}",
+                               "stand-alone acc": f"{r.standalone_accuracy:.4f}",
+                               "predicted ms": f"{r.predicted_ms:.3f}", "measured ms": f"{r.measured_ms:.3f}"}
+                              for r in self.rows])
+        return "\n".join([
+            f"verify {self.study}: {len(self.rows)} networks retrained on {self.dataset} for "
+            f"{self.settings['epochs']} epochs each", "", table.to_string(index=False), "",
+            f"rank agreement of proxy vs stand-alone accuracy: Kendall tau {self.kendall_tau:.3f}, "
+            f"Spearman rho {self.spearman_rho:.3f}"])
+
+
+def verify(study: optuna.Study, *, top: int, settings: TrainSettings, device: str = "cpu",
+           out_dir: str | os.PathLike[str], progress: bool = True) -> Verification:
+    config = study_config(study)
+    report = build_report(study)
+    ref = study.user_attrs.get("reference")
+    resolution = load_space(config["space"]).input.resolution
+    data = load_dataset(config["dataset"], resolution, seed=config["seed"], data_dir=config["data_dir"])
+    networks = [(f"rank{e.rank:02d}-trial{e.trial:04d}", e.spec, e.accuracy, e.predicted_ms)
+                for e in report.pareto[:top]]
+    if ref is not None:
+        networks.append(("reference", spec_from_dict(ref["spec"]), ref["accuracy"], ref["predicted_latency_ms"]))
+    rows = []
+    for name, spec, proxy, predicted in networks:
+        trained = train_network(spec, data, settings, device=device, progress=progress,
+                                checkpoint=checkpoint_for(spec, data, settings, None, Path(out_dir) / "checkpoints"))
+        rows.append(VerifyRow(name, proxy, trained.val_accuracy, predicted, trained.latency.median_ms))
+    tau, rho = rank_agreement([r.proxy_accuracy for r in rows], [r.standalone_accuracy for r in rows])
+    return Verification(study.study_name, config["dataset"], dataclasses.asdict(settings), tuple(rows), tau, rho)
+
+
+def verify_figure(v: Verification) -> go.Figure:
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(
+        f"proxy vs stand-alone accuracy (tau {v.kendall_tau:.2f}, rho {v.spearman_rho:.2f})",
+        "stand-alone accuracy vs measured latency"))
+    found = [r for r in v.rows if r.name != "reference"]
+    ref = [r for r in v.rows if r.name == "reference"]
+    for rows, label, marker in ((found, "found", {"color": "#e45756", "size": 10}),
+                                (ref, "MobileNetV3 reference", {"color": "black", "symbol": "star", "size": 16})):
+        names = [r.name for r in rows]
+        fig.add_trace(go.Scatter(x=[r.proxy_accuracy for r in rows], y=[r.standalone_accuracy for r in rows],
+                                 mode="markers", name=label, marker=marker, text=names, legendgroup=label,
+                                 hovertemplate="%{text}<br>proxy %{x:.4f}<br>stand-alone %{y:.4f}<extra></extra>"),
+                      row=1, col=1)
+        fig.add_trace(go.Scatter(x=[r.measured_ms for r in rows], y=[r.standalone_accuracy for r in rows],
+                                 mode="markers", name=label, marker=marker, text=names, legendgroup=label,
+                                 showlegend=False,
+                                 hovertemplate="%{text}<br>%{x:.3f} ms<br>stand-alone %{y:.4f}<extra></extra>"),
+                      row=1, col=2)
+    fig.update_xaxes(title_text="proxy accuracy (supernet)", row=1, col=1)
+    fig.update_xaxes(title_text="measured latency, ms", row=1, col=2)
+    fig.update_yaxes(title_text="stand-alone validation accuracy", row=1, col=1)
+    fig.update_layout(title=f"{v.study}: verification on {v.dataset}", template="plotly_white")
+    return fig
+
+
+def write_verification(v: Verification, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "verify.json", "html": out / "verify.html"}
+    data = v.to_json()
+    if any(math.isnan(x) for x in (v.kendall_tau, v.spearman_rho)):  # constant accuracies: no ranking to compare
+        data["note"] = "tau/rho undefined: all proxy or all stand-alone accuracies are equal"
+    paths["json"].write_text(json.dumps(data, indent=2))
+    verify_figure(v).write_html(paths["html"], include_plotlyjs=True)
+    return paths

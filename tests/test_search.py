@@ -1,0 +1,182 @@
+"""End-to-end search: outputs, resume, Ctrl-C, kill -9, reports from storage, and distributed workers."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import optuna
+import pandas as pd
+import pytest
+
+import nas
+from nas.report import hypervolume
+from nas.search import open_storage
+
+# Small and fast: a 1-epoch supernet (cached in one results folder for the whole module) and few trials.
+FAST = ["--supernet-epochs", "1", "--device", "cpu"]
+
+
+def nas_cmd(*args: str, cwd: Path, env: dict[str, str] | None = None, timeout: int = 600
+            ) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([sys.executable, "-m", "nas", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env=env)
+
+
+def start(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "nas", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def states(db: Path, study: str) -> list[tuple[int, str]]:
+    s = optuna.load_study(study_name=study, storage=open_storage(f"sqlite:///{db}"))
+    return [(t.number, t.state.name) for t in s.get_trials(deepcopy=False)]
+
+
+def wait_for_complete(db: Path, study: str, n: int, proc: subprocess.Popen[str], timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        if db.exists():
+            try:
+                if sum(s == "COMPLETE" for _, s in states(db, study)) >= n:
+                    return
+            except KeyError:  # the study is not created yet
+                pass
+        time.sleep(0.3)
+    raise AssertionError("timed out waiting for trials")
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A folder whose results/ holds one small search (12 trials), shared by the tests below."""
+    work = tmp_path_factory.mktemp("search")
+    r = nas_cmd("search", "--budget", "12", *FAST, cwd=work)
+    assert r.returncode == 0, r.stderr
+    (work / "first_stdout.txt").write_text(r.stdout)
+    return work
+
+
+def test_search_writes_specs_csv_and_plots(work: Path) -> None:
+    out = work / "results" / "mobilenetv3_compact-digits"
+    stdout = (work / "first_stdout.txt").read_text()
+    assert "feasible Pareto-optimal architectures" in stdout and "specs:" in stdout
+    trials = pd.read_csv(out / "trials.csv")
+    assert len(trials) == 12 and set(trials["state"]) == {"COMPLETE"}
+    assert {"accuracy", "predicted_latency_ms", "feasible", "pareto", "params_stage3.block1.kernel"} <= set(
+        trials.columns)
+    specs = sorted((out / "specs").glob("*.yaml"))
+    assert specs and len(specs) == int((trials["pareto"] & trials["feasible"]).sum())
+    accs = []
+    for path in specs:
+        spec = nas.load_spec(path)
+        assert nas.build_model(spec) is not None
+        meta = spec.metadata
+        assert meta["search_space"] == "mobilenetv3_compact" and meta["dataset"] == "digits"
+        assert meta["predicted_latency_ms"] <= meta["latency_limit_ms"] and meta["measured_latency_ms"] > 0
+        accs.append(meta["proxy_accuracy"])
+    assert accs == sorted(accs, reverse=True)
+    for page in ("pareto.html", "history.html"):
+        html = (out / page).read_text()
+        assert "Plotly.newPlot" in html and 'src="https://cdn.plot.ly' not in html and len(html) > 1_000_000
+    assert "MobileNetV3 reference" in (out / "pareto.html").read_text()
+
+
+def test_trials_carry_spec_latency_and_optuna_constraints(work: Path) -> None:
+    study = optuna.load_study(study_name="mobilenetv3_compact-digits",
+                              storage=f"sqlite:///{work / 'results/mobilenetv3_compact-digits/study.db'}")
+    limit = study.user_attrs["config"]["latency_limit_ms"]
+    assert limit == pytest.approx(study.user_attrs["reference"]["predicted_latency_ms"])
+    for t in study.trials:
+        assert "stage1.block1.kernel" in t.params and "spec" in t.user_attrs
+        assert t.constraints["latency_ms"] == pytest.approx(t.values[1] - limit)
+        assert nas.spec.spec_from_dict(t.user_attrs["spec"]).blocks[0].kernel == t.params["stage1.block1.kernel"]
+    feasible_numbers = {t.number for t in study.trials if t.values[1] <= limit}
+    assert {t.number for t in study.best_trials} <= feasible_numbers  # Optuna itself excludes infeasible ones
+
+
+def test_a_rerun_continues_to_the_budget_and_repeats_nothing(work: Path) -> None:
+    r = nas_cmd("search", "--budget", "15", *FAST, cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert "this run: 3 trials" in r.stdout
+    got = states(work / "results/mobilenetv3_compact-digits/study.db", "mobilenetv3_compact-digits")
+    assert sorted(n for n, _ in got) == list(range(15)) and {s for _, s in got} == {"COMPLETE"}
+
+
+def test_report_and_export_from_the_storage_alone(work: Path) -> None:
+    out = work / "results" / "mobilenetv3_compact-digits"
+    for name in ("trials.csv", "pareto.html", "history.html"):
+        (out / name).unlink()
+    r = nas_cmd("report", "--study", "mobilenetv3_compact-digits", cwd=work)
+    assert r.returncode == 0, r.stderr
+    assert (out / "trials.csv").exists() and (out / "pareto.html").exists() and (out / "history.html").exists()
+    r = nas_cmd("export", "--study", "mobilenetv3_compact-digits", "--top", "1", "--out", str(work / "best"),
+                cwd=work)
+    assert r.returncode == 0, r.stderr
+    exported = list((work / "best").glob("*.yaml"))
+    assert len(exported) == 1 and exported[0].name.startswith("rank01-")
+    bad = nas_cmd("report", "--study", "nope", cwd=work)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: --study: no study 'nope'")
+
+
+def test_ctrl_c_stops_after_the_current_trial(work: Path) -> None:
+    db = work / "results" / "sigint" / "study.db"
+    proc = start("search", "--budget", "500", "--study-name", "sigint", *FAST, cwd=work)
+    wait_for_complete(db, "sigint", 2, proc)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "rerun the same command to continue" in err
+    assert {s for _, s in states(db, "sigint")} == {"COMPLETE"}  # the trial in flight was finished
+
+
+def test_a_search_killed_mid_trial_resumes_to_its_budget(work: Path) -> None:
+    db = work / "results" / "killed" / "study.db"
+    proc = start("search", "--budget", "30", "--study-name", "killed", *FAST, cwd=work)
+    wait_for_complete(db, "killed", 3, proc)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    running = [n for n, s in states(db, "killed") if s == "RUNNING"]
+    r = nas_cmd("search", "--budget", "30", "--study-name", "killed", *FAST, cwd=work)
+    assert r.returncode == 0, r.stderr
+    after = dict(states(db, "killed"))
+    assert sum(s == "COMPLETE" for s in after.values()) == 30
+    assert all(after[n] == "FAIL" for n in running) and "RUNNING" not in after.values()
+
+
+def test_bad_search_flags_are_one_line_errors(work: Path) -> None:
+    for args, expected in ((["--sampler", "cmaes"], "error: nas search: argument --sampler: invalid choice"),
+                           (["--storage", "mysql://x"], "error: --storage: 'mysql://x': only sqlite"),
+                           (["--latency-ms", "-1"], "error: --latency-ms: -1.0 must be positive"),
+                           (["--space", "nope.yaml"], "error: nope.yaml: no such file")):
+        r = nas_cmd("search", *args, cwd=work)
+        assert r.returncode == 2 and r.stderr.startswith(expected) and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_hypervolume_is_the_dominated_area() -> None:
+    assert hypervolume([], 1.0) == 0.0
+    assert hypervolume([(0.5, 0.5)], 1.0) == pytest.approx(0.25)
+    assert hypervolume([(0.5, 0.5), (0.9, 1.0), (0.9, 2.0)], 2.0) == pytest.approx(0.5 * 0.75 + 0.9 * 0.5 - 0.5 * 0.5)
+
+
+POSTGRES = os.environ.get("NAS_TEST_POSTGRES_URL")
+
+
+@pytest.mark.skipif(not POSTGRES, reason="NAS_TEST_POSTGRES_URL is not set (.ci/run starts PostgreSQL and sets it)")
+def test_two_postgres_workers_share_one_budget_exactly(work: Path) -> None:
+    assert POSTGRES is not None
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}  # two workers on two cores: one thread each
+    prep = nas_cmd("search", "--budget", "1", "--study-name", "prep-1thread", *FAST, cwd=work, env=env)
+    assert prep.returncode == 0, prep.stderr  # caches the 1-thread latency table; the supernet is cached already
+    name = f"dist-{uuid.uuid4().hex[:8]}"
+    args = ["search", "--budget", "20", "--study-name", name, "--storage", POSTGRES, *FAST]
+    workers = [start(*args, cwd=work, env=env) for _ in range(2)]
+    for w in workers:
+        _, err = w.communicate(timeout=600)
+        assert w.returncode == 0, err
+    study = optuna.load_study(study_name=name, storage=POSTGRES)
+    trials = study.get_trials(deepcopy=False)
+    assert len(trials) == 20 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
+    assert sorted(t.number for t in trials) == list(range(20))

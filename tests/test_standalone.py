@@ -1,0 +1,71 @@
+import json
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from scipy.stats import kendalltau
+
+import nas
+from nas.space import load_space
+from nas.spec import spec_to_dict
+from nas.standalone import rank_agreement
+from nas.train import TrainSettings
+from nas.verify import verify, write_verification
+
+
+def test_train_on_digits_beats_chance_by_a_clear_margin(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "nas", "train", "mobilenet_v3_compact", "--dataset", "digits",
+                        "--epochs", "2", "--lr", "0.1", "--device", "cpu"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads(next((tmp_path / "results" / "train").glob("mobilenet_v3_compact.*.metrics.json"))
+                         .read_text())
+    assert metrics["val_accuracy"] > 0.5  # chance is 0.1
+    assert metrics["latency"]["median_ms"] > 0 and len(metrics["history"]) == 2
+    assert "validation accuracy:" in r.stdout and "latency:" in r.stdout
+
+
+def test_train_errors_are_one_line(tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "-m", "nas", "train", "mobilenet_v3_compact", "--init", "torchvision",
+                        "--epochs", "1", "--device", "cpu"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and r.stderr.startswith("error: --init: torchvision weights exist only for")
+    r = subprocess.run([sys.executable, "-m", "nas", "train", "mobilenet_v3_small", "--init", "torchvision",
+                        "--epochs", "1", "--device", "cpu"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=300, env={"TORCH_HOME": str(tmp_path / "hub"), "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 2 and "pretrained weights not found at" in r.stderr and r.stderr.count("\n") == 1
+
+
+def test_rank_agreement_from_known_numbers() -> None:
+    tau, rho = rank_agreement([0.1, 0.2, 0.3, 0.4], [0.1, 0.3, 0.2, 0.4])
+    assert tau == pytest.approx(4 / 6) and rho == pytest.approx(0.8)
+    with pytest.raises(nas.SpecError, match="at least two"):
+        rank_agreement([0.5], [0.5])
+
+
+def test_verify_retrains_a_tiny_study(tmp_path: Path) -> None:
+    space = load_space("mobilenetv3_compact")
+    storage = f"sqlite:///{tmp_path / 'study.db'}"
+    study = optuna.create_study(study_name="tiny", storage=storage, directions=["maximize", "minimize"])
+    fp = {"device": "cpu", "processor": "x", "threads": 1, "batch_size": 1, "torch": "x"}
+    study.set_user_attr("config", {"space": "mobilenetv3_compact", "space_name": "mobilenetv3_compact",
+                                   "dataset": "digits", "seed": 0, "data_dir": "data", "sampler": "nsga2",
+                                   "latency_limit_ms": 10.0, "latency_fingerprint": fp})
+    rng = random.Random(0)
+    known = [(0.9, 3.0), (0.8, 2.0), (0.7, 1.0)]  # all Pareto-optimal
+    for acc, ms in known:
+        spec = space.sample(rng)
+        study.add_trial(optuna.trial.create_trial(values=[acc, ms], user_attrs={"spec": spec_to_dict(spec)},
+                                                  constraints={"latency_ms": ms - 10.0}))
+    v = verify(study, top=3, settings=TrainSettings(epochs=1, batch_size=128, random_subnets=0), device="cpu",
+               out_dir=tmp_path / "verify", progress=False)
+    assert [r.proxy_accuracy for r in v.rows] == [0.9, 0.8, 0.7]
+    assert [r.predicted_ms for r in v.rows] == [3.0, 2.0, 1.0]
+    expected = kendalltau([0.9, 0.8, 0.7], [r.standalone_accuracy for r in v.rows]).statistic
+    assert v.kendall_tau == pytest.approx(expected)
+    paths = write_verification(v, tmp_path)
+    assert json.loads(paths["json"].read_text())["rows"][0]["name"] == "rank01-trial0000"
+    assert "Plotly.newPlot" in paths["html"].read_text()
