@@ -213,7 +213,7 @@ def calibration_batches(data: DataSplit, *, batches: int = 4, batch_size: int = 
     return out
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def accuracy(model: nn.Module, data: DataSplit, *, batch_size: int = 512, device: torch.device | str = "cpu",
              max_images: int | None = None) -> float:
     """Top-1 accuracy on the validation split (the first ``max_images`` of it, if given)."""
