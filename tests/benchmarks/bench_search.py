@@ -91,7 +91,14 @@ def samplers(seeds: tuple[int, ...] = (0, 1, 2), budget: int = 200) -> None:
                              else None})
                 print(rows[-1], flush=True)
         shutil.rmtree(tmp, ignore_errors=True)
-    save("samplers", {"rows": rows, "limit_ms": prepared.limit_ms})
+    data = {"rows": rows, "limit_ms": prepared.limit_ms, "seeds": list(seeds)}
+    save("samplers", data)
+    render_samplers(data)
+
+
+def render_samplers(data: dict) -> None:
+    """Write the samplers section from saved results (``samplers-render`` redoes it without rerunning)."""
+    rows, seeds, limit = data["rows"], data.get("seeds", [0, 1, 2]), data["limit_ms"]
     med = {s: statistics.median(r["hypervolume"] for r in rows if r["sampler"] == s) for s in SAMPLERS}
     table = ["| sampler | hypervolume, seeds " + ", ".join(map(str, seeds)) + " | median | trials/s (median) |",
              "|---|---|---|---|"]
@@ -103,7 +110,7 @@ def samplers(seeds: tuple[int, ...] = (0, 1, 2), budget: int = 200) -> None:
     verdict = "beats" if med[DEFAULT_SAMPLER] > med["random"] else "does NOT beat"
     write_section("search-samplers", "Sampler comparison: hypervolume after 200 trials",
                   f"mobilenetv3_compact on digits, one supernet and latency table for all runs, latency limit "
-                  f"{prepared.limit_ms:.3f} ms (the reference member's predicted latency). Hypervolume of the "
+                  f"{limit:.3f} ms (the reference member's predicted latency). Hypervolume of the "
                   "feasible (accuracy, latency) points in accuracy [0, 1] x latency [0, limit], normalised to 1. "
                   f"The default ({DEFAULT_SAMPLER}) {verdict} random by median.\n\n" + "\n".join(table))
 
@@ -111,4 +118,5 @@ def samplers(seeds: tuple[int, ...] = (0, 1, 2), budget: int = 200) -> None:
 if __name__ == "__main__":
     parts = sys.argv[1:] or ["wall", "samplers"]
     for part in parts:
-        {"wall": wall, "samplers": samplers}[part]()
+        {"wall": wall, "samplers": samplers,
+         "samplers-render": lambda: render_samplers(json.loads((OUT / "search-samplers.json").read_text()))}[part]()
