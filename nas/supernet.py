@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import random
 import typing
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -231,11 +231,3 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor]) -> None:
     for m, mom in zip(bns, momenta, strict=True):
         m.momentum = mom
     model.train(was_training)
-
-
-def iterate_inputs(loader: Iterable[tuple[torch.Tensor, torch.Tensor]], n_batches: int,
-                   device: torch.device) -> Iterator[torch.Tensor]:
-    for i, (x, _) in enumerate(loader):
-        if i >= n_batches:
-            break
-        yield x.to(device, non_blocking=True)

@@ -14,7 +14,7 @@ import json
 import os
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -234,9 +234,3 @@ def score_subnet(supernet: Supernet, spec: NetworkSpec, data: DataSplit, calibra
     supernet.activate(spec)
     recalibrate_bn(supernet, calibration)
     return accuracy(supernet, data, device=device, max_images=max_images)
-
-
-def iter_subnets(space: SearchSpace, n: int, seed: int) -> Iterator[NetworkSpec]:
-    rng = random.Random(seed)
-    for _ in range(n):
-        yield space.sample(rng)
