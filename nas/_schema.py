@@ -18,7 +18,7 @@ import functools
 import os
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
@@ -220,11 +220,16 @@ def read_yaml(path: str | os.PathLike[str], what: str) -> Any:
     return data
 
 
-def write_yaml_atomic(data: Any, path: str | os.PathLike[str], header: str = "") -> None:
-    """Write YAML through a temporary file and a rename, so readers never see half a file."""
+def write_atomic(path: str | os.PathLike[str], write: Callable[[Path], object]) -> None:
+    """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``: readers (and a
+    run killed half-way) never see half a file. Every file this project writes goes through here."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
-    text = header + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120)
     tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    tmp.write_text(text, encoding="utf-8")
+    write(tmp)
     os.replace(tmp, p)
+
+
+def write_yaml_atomic(data: Any, path: str | os.PathLike[str], header: str = "") -> None:
+    text = header + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120)
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

@@ -57,10 +57,13 @@ def _normalise(x: torch.Tensor) -> torch.Tensor:
     return ((x - mean) / std).contiguous()
 
 
-def _split(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    n_val = max(1, round(n * VAL_FRACTION))
-    return perm[n_val:], perm[:n_val]
+def _split(name: str, data: TensorDataset, classes: tuple[str, ...], resolution: int, seed: int) -> DataSplit:
+    """A seeded VAL_FRACTION train/val split of one set of images."""
+    x, y = data.tensors
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(seed))
+    n_val = max(1, round(len(y) * VAL_FRACTION))
+    tr, va = perm[n_val:], perm[:n_val]
+    return DataSplit(name, TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va]), classes, resolution)
 
 
 def digits(resolution: int, seed: int = 0) -> DataSplit:
@@ -71,10 +74,8 @@ def digits(resolution: int, seed: int = 0) -> DataSplit:
     x = torch.tensor(bunch.images, dtype=torch.float32).unsqueeze(1) / 16.0
     x = F.interpolate(x, size=(resolution, resolution), mode="bilinear", align_corners=False).clamp(0, 1)
     y = torch.tensor(bunch.target, dtype=torch.long)
-    x = _normalise(x)
-    tr, va = _split(len(y), seed)
-    return DataSplit("digits", TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va]),
-                     tuple(str(c) for c in bunch.target_names), resolution)
+    return _split("digits", TensorDataset(_normalise(x), y), tuple(str(c) for c in bunch.target_names),
+                  resolution, seed)
 
 
 def _tensors(dataset: torch.utils.data.Dataset, desc: str) -> TensorDataset:
@@ -103,11 +104,7 @@ def cifar10(resolution: int, root: Path, seed: int = 0) -> DataSplit:
     except Exception as e:  # torchvision raises URLError, RuntimeError or OSError depending on what failed
         raise _download_error("cifar10", root, "cifar-10-python.tar.gz (from https://www.cs.toronto.edu/~kriz/)",
                               e) from None
-    data = _tensors(full, "cifar10")
-    tr, va = _split(len(data), seed)
-    x, y = data.tensors
-    return DataSplit("cifar10", TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va]), tuple(full.classes),
-                     resolution)
+    return _split("cifar10", _tensors(full, "cifar10"), tuple(full.classes), resolution, seed)
 
 
 def flowers102(resolution: int, root: Path) -> DataSplit:
@@ -146,11 +143,7 @@ def folder(path: str, resolution: int, seed: int = 0) -> DataSplit:
                              resolution)
     else:
         train = image_folder(root)
-    data = _tensors(train, path)
-    tr, va = _split(len(data), seed)
-    x, y = data.tensors
-    return DataSplit(f"folder:{path}", TensorDataset(x[tr], y[tr]), TensorDataset(x[va], y[va]),
-                     tuple(train.classes), resolution)
+    return _split(f"folder:{path}", _tensors(train, path), tuple(train.classes), resolution, seed)
 
 
 def load_dataset(name: str, resolution: int, *, seed: int = 0, data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR

@@ -21,10 +21,10 @@ import pandas as pd
 import plotly.graph_objects as go
 import torch
 
-from nas._schema import SpecError
+from nas._schema import SpecError, write_atomic
 from nas.latency import measure
 from nas.model import build_model
-from nas.search import feasible, open_storage, study_config, trial_spec
+from nas.search import feasible, open_storage, sqlite_path, study_config, trial_spec
 from nas.spec import NetworkSpec, save_spec
 
 
@@ -52,8 +52,9 @@ class Report:
 
 def load_study(study_name: str, storage: str | None = None, results: str = "results") -> optuna.Study:
     url = storage or f"sqlite:///{Path(results) / study_name / 'study.db'}"
-    if url.startswith("sqlite:///") and not Path(url[len("sqlite:///"):]).exists():
-        raise SpecError("--study", f"no study {study_name!r}: {url[len('sqlite:///'):]} does not exist")
+    db = sqlite_path(url)
+    if db is not None and not db.exists():
+        raise SpecError("--study", f"no study {study_name!r}: {db} does not exist")
     try:
         return optuna.load_study(study_name=study_name, storage=open_storage(url))
     except KeyError:
@@ -193,21 +194,15 @@ def export_specs(report: Report, out: str | os.PathLike[str], top: int | None = 
     raise SpecError("", "could not replace it: another process keeps writing there", source=str(out))
 
 
-def _write_atomic(path: Path, write: Any) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, path)
-
-
 def write_report(report: Report, study: optuna.Study, out_dir: str | os.PathLike[str]) -> dict[str, Path]:
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"specs": out / "specs", "trials": out / "trials.csv", "pareto": out / "pareto.html",
              "history": out / "history.html"}
     export_specs(report, paths["specs"])
-    _write_atomic(paths["trials"], lambda p: report.trials.to_csv(p, index=False))
-    _write_atomic(paths["pareto"], lambda p: pareto_figure(report, study).write_html(p, include_plotlyjs=True))
-    _write_atomic(paths["history"], lambda p: history_figure(report).write_html(p, include_plotlyjs=True))
+    write_atomic(paths["trials"], lambda p: report.trials.to_csv(p, index=False))
+    write_atomic(paths["pareto"], lambda p: pareto_figure(report, study).write_html(p, include_plotlyjs=True))
+    write_atomic(paths["history"], lambda p: history_figure(report).write_html(p, include_plotlyjs=True))
     return paths
 
 

@@ -73,8 +73,6 @@ class SearchConfig:
             raise SpecError("--latency-ms", f"{self.latency_ms} must be positive")
         if self.val_images < 1:
             raise SpecError("--val-images", f"{self.val_images} must be positive")
-        if self.storage is not None and not self.storage.startswith(("sqlite:///", "postgresql")):
-            raise SpecError("--storage", f"{self.storage!r}: only sqlite:///PATH and postgresql://... are supported")
 
     @property
     def name(self) -> str:
@@ -97,12 +95,18 @@ def make_sampler(name: str, seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=seed)
 
 
+def sqlite_path(url: str) -> Path | None:
+    """The database file of a ``sqlite:///PATH`` URL; None for other storages."""
+    return Path(url[len("sqlite:///"):]) if url.startswith("sqlite:///") else None
+
+
 def open_storage(url: str) -> optuna.storages.RDBStorage:
     """An Optuna RDB storage with heartbeats (for failing trials of killed workers)."""
-    if not (url.startswith("sqlite:///") or url.startswith("postgresql")):
+    db = sqlite_path(url)
+    if db is None and not url.startswith("postgresql"):
         raise SpecError("--storage", f"{url!r}: only sqlite:///PATH and postgresql://... are supported")
-    if url.startswith("sqlite:///"):
-        Path(url[len("sqlite:///"):]).parent.mkdir(parents=True, exist_ok=True)
+    if db is not None:
+        db.parent.mkdir(parents=True, exist_ok=True)
     from sqlalchemy.exc import DBAPIError
 
     for attempt in range(6):
@@ -111,7 +115,7 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
                 warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
                 storage = optuna.storages.RDBStorage(url, heartbeat_interval=HEARTBEAT_S,
                                                      grace_period=2 * HEARTBEAT_S)
-            if url.startswith("sqlite:///"):
+            if db is not None:
                 _fast_sqlite(storage)
             return storage
         except DBAPIError as e:
@@ -143,9 +147,9 @@ def _fast_sqlite(storage: optuna.storages.RDBStorage) -> None:
 @contextlib.contextmanager
 def budget_lock(storage: optuna.storages.RDBStorage, url: str, study_name: str) -> Iterator[None]:
     """Serialise 'count the trials, then create one' across workers, so the budget is never overshot."""
-    if url.startswith("sqlite:///"):
-        lock = Path(url[len("sqlite:///"):] + f".{study_name}.lock")
-        with open(lock, "a") as f:
+    db = sqlite_path(url)
+    if db is not None:
+        with open(db.with_name(f"{db.name}.{study_name}.lock"), "a") as f:
             fcntl.flock(f, fcntl.LOCK_EX)
             try:
                 yield

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from nas._schema import SpecError, to_data
+from nas._schema import SpecError, to_data, write_atomic
 from nas.data import DataSplit
 from nas.space import SearchSpace
 from nas.spec import NetworkSpec
@@ -71,10 +71,7 @@ def checkpoint_path(space: SearchSpace, data: DataSplit, settings: TrainSettings
 
 
 def _save_atomic(obj: dict[str, Any], path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def load_checkpoint(path: Path) -> dict[str, Any]:

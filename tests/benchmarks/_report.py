@@ -10,18 +10,13 @@ from pathlib import Path
 
 import torch
 
+from nas.latency import Fingerprint
+
 BENCHMARKS = Path(__file__).resolve().parents[2] / "results" / "BENCHMARKS.md"
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    cpu = Fingerprint.current().processor  # the name the latency tables are keyed on
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
             f"Python {platform.python_version()}")
 
