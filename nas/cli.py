@@ -205,6 +205,8 @@ def _add_search(p: argparse.ArgumentParser) -> None:
                         "search should all use the table of the device the network is for)")
     p.add_argument("--supernet-epochs", type=_positive_int, default=d.supernet_epochs,
                    help=f"supernet training epochs when no cached supernet exists (default {d.supernet_epochs})")
+    p.add_argument("--supernet-batch-size", type=_positive_int, default=d.supernet_batch_size,
+                   help=f"supernet training batch size (default {d.supernet_batch_size}; 128 suits CIFAR-10)")
     p.add_argument("--results", default=d.results, help="results folder (default results/)")
 
 
@@ -216,6 +218,7 @@ def _run_search(args: argparse.Namespace) -> int:
                           sampler=args.sampler, seed=args.seed, study_name=args.study_name, storage=args.storage,
                           device=args.device, latency_device=args.latency_device, data_dir=args.data_dir,
                           results=args.results, supernet_epochs=args.supernet_epochs,
+                          supernet_batch_size=args.supernet_batch_size,
                           latency_table=args.latency_table)
     try:
         outcome = run_search(config)

@@ -61,6 +61,7 @@ class SearchConfig:
     data_dir: str = "data"
     results: str = "results"
     supernet_epochs: int = TrainSettings.epochs
+    supernet_batch_size: int = TrainSettings.batch_size
     val_images: int = 2000  # validation images per trial (digits has 359; CIFAR-10's split is capped here)
     latency_table: str | None = None  # a table file to use as is (workers on other machines share the first's)
 
@@ -71,6 +72,8 @@ class SearchConfig:
             raise SpecError("--sampler", f"{self.sampler!r} is not one of {', '.join(SAMPLERS)}")
         if self.latency_ms is not None and self.latency_ms <= 0:
             raise SpecError("--latency-ms", f"{self.latency_ms} must be positive")
+        if self.supernet_batch_size < 1:
+            raise SpecError("--supernet-batch-size", f"{self.supernet_batch_size} must be positive")
         if self.val_images < 1:
             raise SpecError("--val-images", f"{self.val_images} must be positive")
 
@@ -208,7 +211,7 @@ def prepare(config: SearchConfig, *, progress: bool = True) -> Prepared:
     base = load_space(config.space)
     device = resolve_device(config.device)
     data = load_dataset(config.dataset, base.input.resolution, seed=config.seed, data_dir=config.data_dir)
-    settings = TrainSettings(epochs=config.supernet_epochs, seed=config.seed)
+    settings = TrainSettings(epochs=config.supernet_epochs, batch_size=config.supernet_batch_size, seed=config.seed)
     # The same cache file as 'nas train-supernet' with these settings, so either reuses the other's.
     checkpoint = checkpoint_path(base.with_num_classes(data.num_classes), data, settings,
                                  root=Path(config.results) / "supernets")
@@ -331,7 +334,7 @@ def _evaluate(trial: optuna.trial.Trial, p: Prepared) -> tuple[float, float]:
 
 # What makes two trials comparable: a run that differs in any of these must use another study.
 _STUDY_DEFINING = ("space_name", "dataset", "num_classes", "latency_limit_ms", "latency_fingerprint",
-                   "supernet_epochs", "val_images")
+                   "supernet_epochs", "supernet_batch_size", "val_images")
 
 
 def _record_config(study: optuna.Study, config: SearchConfig, p: Prepared) -> None:

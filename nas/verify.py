@@ -7,6 +7,7 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,9 +19,9 @@ from plotly.subplots import make_subplots
 
 from nas.data import load_dataset
 from nas.report import build_report
-from nas.search import study_config
+from nas.search import feasible, study_config, trial_spec
 from nas.space import load_space
-from nas.spec import spec_from_dict
+from nas.spec import NetworkSpec, spec_from_dict
 from nas.standalone import checkpoint_for, rank_agreement, train_network
 from nas.train import TrainSettings
 
@@ -58,6 +59,46 @@ class Verification:
             f"Spearman rho {self.spearman_rho:.3f}"])
 
 
+def _fronts(trials: list[optuna.trial.FrozenTrial]) -> Iterator[list[optuna.trial.FrozenTrial]]:
+    """Successive non-dominated layers of (accuracy up, latency down), each most accurate first. Written out
+    because Optuna's non-dominated sort is private; with two objectives one sorted sweep finds a layer."""
+    rest = sorted(trials, key=lambda t: (-t.values[0], t.values[1]))
+    while rest:
+        layer, others, fastest = [], [], math.inf
+        for t in rest:
+            (layer if t.values[1] < fastest else others).append(t)
+            fastest = min(fastest, t.values[1])
+        yield layer
+        rest = others
+
+
+def _spread(items: list[Any], k: int) -> list[Any]:
+    """``k`` of ``items`` evenly spaced, both ends included (all of them when there are no more than ``k``)."""
+    if len(items) <= k:
+        return items
+    return [items[0]] if k == 1 else [items[round(i * (len(items) - 1) / (k - 1))] for i in range(k)]
+
+
+def select_networks(study: optuna.Study, ranks: dict[int, int], top: int
+                    ) -> list[tuple[str, NetworkSpec, float, float]]:
+    """Up to ``top`` distinct feasible architectures spanning the front: (name, spec, proxy accuracy, predicted
+    ms). A front larger than ``top`` is sampled evenly from most accurate to fastest (the most accurate always
+    in); a smaller one is filled from the next non-dominated layers, so the ranking is checked over ``top``
+    networks whenever the study holds that many distinct ones. ``ranks`` maps trial numbers to report ranks."""
+    unique: dict[NetworkSpec, optuna.trial.FrozenTrial] = {}
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+        if feasible(t):
+            unique.setdefault(trial_spec(t).without_metadata(), t)  # TPE revisits architectures: train each once
+    chosen: list[tuple[str, NetworkSpec, float, float]] = []
+    for depth, layer in enumerate(_fronts(list(unique.values())), start=1):
+        for t in _spread(layer, top - len(chosen)):
+            name = f"rank{ranks[t.number]:02d}" if t.number in ranks else f"front{depth}"
+            chosen.append((f"{name}-trial{t.number:04d}", trial_spec(t), t.values[0], t.values[1]))
+        if len(chosen) >= top:
+            break
+    return chosen
+
+
 def verify(study: optuna.Study, *, top: int, settings: TrainSettings, device: str = "cpu",
            out_dir: str | os.PathLike[str], progress: bool = True) -> Verification:
     config = study_config(study)
@@ -65,8 +106,7 @@ def verify(study: optuna.Study, *, top: int, settings: TrainSettings, device: st
     ref = study.user_attrs.get("reference")
     resolution = load_space(config["space"]).input.resolution
     data = load_dataset(config["dataset"], resolution, seed=config["seed"], data_dir=config["data_dir"])
-    networks = [(f"rank{e.rank:02d}-trial{e.trial:04d}", e.spec, e.accuracy, e.predicted_ms)
-                for e in report.pareto[:top]]
+    networks = select_networks(study, {e.trial: e.rank for e in report.pareto}, top)
     if ref is not None:
         networks.append(("reference", spec_from_dict(ref["spec"]), ref["accuracy"], ref["predicted_latency_ms"]))
     rows = []

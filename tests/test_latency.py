@@ -116,3 +116,28 @@ def test_latency_cli_builds_and_validates(tmp_path: Path) -> None:
     r = subprocess.run([*run, "build", "--space", "tiny.yaml", "--table", "nope.json"], cwd=tmp_path,
                        capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and r.stderr == "error: nope.json: no such latency table\n"
+
+
+def test_interleaved_timing_visits_every_call_once_per_round_in_a_new_order() -> None:
+    import torch
+
+    from nas.latency import time_interleaved
+    visits: list[int] = []
+
+    def make(i: int) -> object:
+        visits.append(i)
+        return lambda: None
+
+    times = time_interleaved(5, make, torch.device("cpu"), rounds=3, warmup=1, repeats=4, seed=0)
+    assert [len(t) for t in times] == [3] * 5 and all(len(r) == 4 for t in times for r in t)
+    rounds = [visits[0:5], visits[5:10], visits[10:15]]
+    assert all(sorted(r) == list(range(5)) for r in rounds) and len({tuple(r) for r in rounds}) > 1
+
+
+def test_the_allocator_is_pinned_before_anything_is_timed() -> None:
+    import platform
+
+    from nas.latency import steady_allocator
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        pytest.skip("mallopt exists in glibc only")
+    assert steady_allocator() is True

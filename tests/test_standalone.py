@@ -13,7 +13,7 @@ from nas.space import load_space
 from nas.spec import spec_to_dict
 from nas.standalone import rank_agreement
 from nas.train import TrainSettings
-from nas.verify import verify, write_verification
+from nas.verify import select_networks, verify, write_verification
 
 
 def test_train_on_digits_beats_chance_by_a_clear_margin(tmp_path: Path) -> None:
@@ -26,6 +26,43 @@ def test_train_on_digits_beats_chance_by_a_clear_margin(tmp_path: Path) -> None:
     assert metrics["val_accuracy"] > 0.5  # chance is 0.1
     assert metrics["latency"]["median_ms"] > 0 and len(metrics["history"]) == 2
     assert "validation accuracy:" in r.stdout and "latency:" in r.stdout
+
+
+def _digits_folder(root: Path, per_class: int = 24) -> Path:
+    """An ImageFolder of PNGs (3 digit classes) made from scikit-learn's digits: a folder data set that
+    exists on every machine."""
+    from PIL import Image
+    from sklearn.datasets import load_digits
+
+    bunch = load_digits()
+    counts = dict.fromkeys((0, 1, 2), 0)
+    for image, label in zip(bunch.images, bunch.target, strict=True):
+        if label in counts and counts[label] < per_class:
+            (root / f"digit{label}").mkdir(parents=True, exist_ok=True)
+            Image.fromarray((image * 15).astype("uint8")).save(root / f"digit{label}" / f"{counts[label]}.png")
+            counts[label] += 1
+    return root
+
+
+def test_train_search_and_verify_on_a_folder_data_set(tmp_path: Path) -> None:
+    folder = f"folder:{_digits_folder(tmp_path / 'images')}"
+    r = subprocess.run([sys.executable, "-m", "nas", "train", "mobilenet_v3_compact", "--dataset", folder,
+                        "--epochs", "1", "--batch-size", "16", "--device", "cpu"], cwd=tmp_path, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    metrics = json.loads(next((tmp_path / "results" / "train").glob("*.metrics.json")).read_text())
+    assert metrics["dataset"] == folder and 0 <= metrics["val_accuracy"] <= 1
+    r = subprocess.run([sys.executable, "-m", "nas", "search", "--dataset", folder, "--budget", "6",
+                        "--supernet-epochs", "1", "--supernet-batch-size", "16", "--device", "cpu",
+                        "--study-name", "digitsfolder"], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    r = subprocess.run([sys.executable, "-m", "nas", "verify", "--study", "digitsfolder", "--top", "2", "--epochs", "1",
+                        "--batch-size", "16", "--device", "cpu"], cwd=tmp_path, capture_output=True, text=True,
+                       timeout=600)
+    assert r.returncode == 0, r.stderr
+    v = json.loads((tmp_path / "results" / "digitsfolder" / "verify.json").read_text())
+    assert v["dataset"] == folder and [row["name"] for row in v["rows"]][-1] == "reference"
+    assert len(v["rows"]) == 3 and "Kendall tau" in r.stdout
 
 
 def test_train_errors_are_one_line(tmp_path: Path) -> None:
@@ -69,3 +106,35 @@ def test_verify_retrains_a_tiny_study(tmp_path: Path) -> None:
     paths = write_verification(v, tmp_path)
     assert json.loads(paths["json"].read_text())["rows"][0]["name"] == "rank01-trial0000"
     assert "Plotly.newPlot" in paths["html"].read_text()
+
+
+def _study_of(points: list[tuple[float, float]], limit: float = 10.0, repeat: dict[int, int] | None = None
+              ) -> optuna.Study:
+    """A study whose trial i has (accuracy, latency) points[i]; trial j repeats trial repeat[j]'s architecture."""
+    space = load_space("mobilenetv3_compact")
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    rng, specs = random.Random(0), []
+    for i, (acc, ms) in enumerate(points):
+        specs.append(specs[(repeat or {})[i]] if i in (repeat or {}) else space.sample(rng))
+        study.add_trial(optuna.trial.create_trial(values=[acc, ms], user_attrs={"spec": spec_to_dict(specs[-1])},
+                                                  constraints={"latency_ms": ms - limit}))
+    return study
+
+
+def test_select_networks_spreads_a_large_front_evenly() -> None:
+    front = [(0.9 - 0.01 * i, 9.0 - 0.5 * i) for i in range(9)]  # 9 Pareto-optimal trials, most accurate first
+    study = _study_of([*front, (0.5, 9.5), (0.99, 11.0)])  # one dominated, one over the limit
+    chosen = select_networks(study, {i: i + 1 for i in range(9)}, 5)
+    assert [name for name, *_ in chosen] == ["rank01-trial0000", "rank03-trial0002", "rank05-trial0004",
+                                             "rank07-trial0006", "rank09-trial0008"]
+    assert chosen[0][2:] == (0.9, 9.0)
+
+
+def test_select_networks_fills_a_small_front_from_the_next_layers_without_repeats() -> None:
+    # front: trials 0, 1; second layer: 2, 3 (3 repeats trial 0's architecture, so it is skipped); third: 4
+    study = _study_of([(0.9, 3.0), (0.8, 2.0), (0.85, 3.5), (0.75, 2.5), (0.7, 4.0)], repeat={3: 0})
+    chosen = select_networks(study, {0: 1, 1: 2}, 10)
+    assert [name for name, *_ in chosen] == ["rank01-trial0000", "rank02-trial0001", "front2-trial0002",
+                                             "front3-trial0004"]
+    assert [name for name, *_ in select_networks(study, {0: 1, 1: 2}, 3)] == \
+        ["rank01-trial0000", "rank02-trial0001", "front2-trial0002"]

@@ -5,7 +5,17 @@ layer table of a space for this device and predicts any member in microseconds; 
 the two on random architectures.
 """
 
-from nas.latency._measure import Measurement, measure, measure_module, num_threads, resolve_device, time_call
+from nas.latency._measure import (
+    Measurement,
+    measure,
+    measure_module,
+    num_threads,
+    resolve_device,
+    steady_allocator,
+    time_call,
+    time_interleaved,
+    time_networks,
+)
 from nas.latency._predictor import (
     Fingerprint,
     Layer,
@@ -21,6 +31,6 @@ from nas.latency._validate import Validation, validate
 
 __all__ = [
     "Fingerprint", "Layer", "Measurement", "Predictor", "Validation", "layers_of", "load_predictor", "load_table",
-    "measure", "measure_module", "num_threads", "profile", "resolve_device", "space_layers", "table_path",
-    "time_call", "validate",
+    "measure", "measure_module", "num_threads", "profile", "resolve_device", "space_layers", "steady_allocator",
+    "table_path", "time_call", "time_interleaved", "time_networks", "validate",
 ]

@@ -15,7 +15,7 @@ import os
 import platform
 import random
 import statistics
-from collections.abc import Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,12 +26,12 @@ from torch import nn
 from tqdm import tqdm
 
 from nas._schema import SpecError, to_data, write_atomic
-from nas.latency._measure import measure, num_threads, resolve_device, time_call
+from nas.latency._measure import num_threads, resolve_device, time_interleaved, time_networks
 from nas.model import InvertedResidual, make_classifier, make_last_conv, make_stem
 from nas.space import SearchSpace
 from nas.spec import BatchNormSpec, BlockSpec, ClassifierSpec, LastConvSpec, NetworkSpec, StemSpec
 
-TABLE_VERSION = 1
+TABLE_VERSION = 2  # 2: interleaved rounds and a fixed malloc (tables of 1 are rebuilt, not read)
 DEFAULT_DIR = Path("results/latency")
 Op = StemSpec | BlockSpec | LastConvSpec | ClassifierSpec
 _OPS: dict[str, type[Any]] = {t.__name__: t for t in (StemSpec, BlockSpec, LastConvSpec, ClassifierSpec)}
@@ -159,7 +159,8 @@ def space_digest(space: SearchSpace) -> str:
 
 
 def table_path(space: SearchSpace, fp: Fingerprint, root: str | os.PathLike[str] = DEFAULT_DIR) -> Path:
-    key = hashlib.sha256(json.dumps([dataclasses.asdict(fp), space_digest(space)]).encode()).hexdigest()[:10]
+    key = hashlib.sha256(json.dumps([dataclasses.asdict(fp), space_digest(space), TABLE_VERSION]).encode()
+                         ).hexdigest()[:10]
     return Path(root) / f"{space.name}-{fp.device}-{key}.json"
 
 
@@ -207,34 +208,43 @@ def _layer_input(layer: Layer, batch: int, device: torch.device) -> torch.Tensor
 
 
 def profile(space: SearchSpace, *, device: str = "cpu", threads: int | None = None, batch_size: int = 1,
-            warmup: int = 5, repeats: int = 15, fit_networks: int = 20, seed: int = 0,
+            rounds: int = 3, warmup: int = 2, repeats: int = 7, fit_networks: int = 30, seed: int = 0,
             progress: bool = True) -> Predictor:
-    """Measure every layer of ``space`` on this device, then fit the correction on whole networks."""
+    """Measure every layer of ``space`` on this device, then fit the correction on whole networks.
+
+    Layers and networks are timed in ``rounds`` interleaved sweeps (``time_interleaved``), so no median rests
+    on one stretch of a noisy machine."""
     fp = Fingerprint.current(device, threads, batch_size)
     dev = resolve_device(device)
     layers = space_layers(space)
-    table: dict[Layer, float] = {}
-    with num_threads(threads), torch.inference_mode():
-        for layer in tqdm(layers, desc=f"latency table {space.name}", unit="layer", disable=not progress,
-                          dynamic_ncols=True):
-            module = layer.module(space.batch_norm).to(dev).eval()
-            x = _layer_input(layer, batch_size, dev)
-            table[layer] = statistics.median(time_call(functools.partial(module, x), dev, warmup=warmup,
-                                                       repeats=repeats))
-    predictor = Predictor(space, fp, table, 1.0, 0.0)
     rng = random.Random(seed)
     specs = [space.largest(), space.smallest(), *(space.sample(rng) for _ in range(max(0, fit_networks - 2)))]
-    sums, measured = [], []
-    for spec in tqdm(specs, desc="fitting on whole networks", unit="net", disable=not progress, dynamic_ncols=True):
-        sums.append(predictor.layer_sum(spec))
-        measured.append(measure(spec, device=device, batch_size=batch_size, threads=threads, warmup=warmup,
-                                repeats=repeats).median_ms)
-    # Least squares on relative error (weights 1/measured), since the goal is a percentage error.
-    w = 1.0 / np.asarray(measured)
-    a = np.stack([np.asarray(sums), np.ones(len(sums))], axis=1) * w[:, None]
-    scale, offset = np.linalg.lstsq(a, np.asarray(measured) * w, rcond=None)[0]
+
+    def layer_call(i: int) -> Callable[[], object]:
+        module = layers[i].module(space.batch_norm).to(dev).eval()
+        return functools.partial(module, _layer_input(layers[i], batch_size, dev))
+
+    kw = {"rounds": rounds, "warmup": warmup, "repeats": repeats, "seed": seed}
+    with tqdm(total=rounds * (len(layers) + len(specs)), desc=f"latency table {space.name}", unit="call",
+              disable=not progress, dynamic_ncols=True) as bar:
+        with num_threads(threads), torch.inference_mode():
+            times = time_interleaved(len(layers), layer_call, dev, progress=bar, **kw)
+        table = {layer: _median(t) for layer, t in zip(layers, times, strict=True)}
+        measured = np.array([_median(t) for t in time_networks(specs, device=device, threads=threads,
+                                                                  batch_size=batch_size, progress=bar, **kw)])
+    predictor = Predictor(space, fp, table, 1.0, 0.0)
+    sums = np.array([predictor.layer_sum(spec) for spec in specs])
+    # Least squares on relative error (weights 1/measured), since the goal is a percentage error. One scale per
+    # feature-map size was tried too: within noise of this on both built-in spaces, with more to overfit.
+    w = 1.0 / measured
+    a = np.stack([sums, np.ones(len(sums))], axis=1) * w[:, None]
+    scale, offset = np.linalg.lstsq(a, measured * w, rcond=None)[0]
     predictor.scale, predictor.offset = float(scale), float(offset)
     return predictor
+
+
+def _median(rounds: list[list[float]]) -> float:
+    return statistics.median(t for r in rounds for t in r)
 
 
 def load_table(path: Path, space: SearchSpace, expected: Fingerprint | None, *, force: bool = False) -> Predictor:
@@ -278,9 +288,3 @@ def load_predictor(space: SearchSpace, *, device: str = "cpu", threads: int | No
     predictor = profile(space, device=device, threads=threads, batch_size=batch_size, progress=progress)
     predictor.save(path)
     return predictor
-
-
-def iter_measured(specs: list[NetworkSpec], *, device: str, threads: int | None, batch_size: int,
-                  progress: bool = True, desc: str = "measuring") -> Iterator[float]:
-    for spec in tqdm(specs, desc=desc, unit="net", disable=not progress, dynamic_ncols=True):
-        yield measure(spec, device=device, batch_size=batch_size, threads=threads).median_ms

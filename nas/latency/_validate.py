@@ -9,8 +9,11 @@ from dataclasses import dataclass
 from typing import Any
 
 from scipy.stats import kendalltau
+from tqdm import tqdm
 
-from nas.latency._predictor import Predictor, iter_measured
+from nas._schema import SpecError
+from nas.latency._measure import time_networks
+from nas.latency._predictor import Predictor
 from nas.space import SearchSpace
 from nas.spec import NetworkSpec
 
@@ -23,8 +26,10 @@ class Validation:
     mape: float  # mean absolute percentage error of predicted vs measured
     within_10: float  # share of networks predicted within +-10% of measured
     kendall_tau: float
-    noise_spread: float  # median |m1 - m2| / m1 over two independent measurements of each network
+    # The noise floor: two independent measurements of each network (the halves of the interleaved rounds)
+    noise_spread: float  # median |m1 - m2| / m1
     noise_within_10: float  # share of networks whose two measurements agree within +-10%
+    noise_kendall_tau: float  # tau of the first measurement against the second
     worst: tuple[dict[str, Any], ...]  # the largest relative errors, with the architecture
 
     def to_json(self) -> dict[str, Any]:
@@ -39,7 +44,8 @@ class Validation:
             f"agree within +-10% for {self.noise_within_10:.1%})",
             f"  mean absolute % error:    {self.mape:.1%}   (noise floor: median run-to-run spread "
             f"{self.noise_spread:.1%})",
-            f"  Kendall tau:              {self.kendall_tau:.3f}",
+            f"  Kendall tau:              {self.kendall_tau:.3f}   (noise floor: tau of the first measurement "
+            f"against the second {self.noise_kendall_tau:.3f})",
             "  worst cases:"]
         lines += [f"    predicted {w['predicted_ms']:.3f} ms, measured {w['measured_ms']:.3f} ms "
                   f"({w['error']:+.1%}), {w['blocks']} blocks" for w in self.worst]
@@ -47,15 +53,22 @@ class Validation:
 
 
 def validate(predictor: Predictor, space: SearchSpace, *, n: int = 100, seed: int = 1, worst: int = 5,
-             progress: bool = True) -> Validation:
-    """Sample ``n`` members, predict them, and measure ``nas.build_model`` of each twice (never the supernet)."""
+             rounds: int = 4, progress: bool = True) -> Validation:
+    """Sample ``n`` members, predict them, and time ``nas.build_model`` of each for real (never the supernet)
+    in ``rounds`` interleaved sweeps. The prediction is compared with the median over all rounds; the noise
+    floor compares the first half of the rounds with the second, two independent measurements."""
+    if rounds < 2:
+        raise SpecError("--rounds", f"{rounds}: the noise floor needs at least 2")
     rng = random.Random(seed)
     specs: list[NetworkSpec] = [space.sample(rng) for _ in range(n)]
     fp = predictor.fingerprint
-    kw = {"device": fp.device, "threads": fp.threads, "batch_size": fp.batch_size, "progress": progress}
-    first = list(iter_measured(specs, desc="measuring (1/2)", **kw))  # type: ignore[arg-type]
-    second = list(iter_measured(specs, desc="measuring (2/2)", **kw))  # type: ignore[arg-type]
-    measured = [(a + b) / 2 for a, b in zip(first, second, strict=True)]
+    with tqdm(total=rounds * n, desc="measuring", unit="net", disable=not progress, dynamic_ncols=True) as bar:
+        times = time_networks(specs, device=fp.device, threads=fp.threads, batch_size=fp.batch_size, rounds=rounds,
+                              warmup=3, repeats=10, seed=seed, progress=bar)
+    half = rounds // 2
+    measured = [statistics.median(t for r in net for t in r) for net in times]
+    first = [statistics.median(t for r in net[:half] for t in r) for net in times]
+    second = [statistics.median(t for r in net[half:] for t in r) for net in times]
     predicted = [predictor.predict(s) for s in specs]
     errors = [(p - m) / m for p, m in zip(predicted, measured, strict=True)]
     spread = [abs(a - b) / a for a, b in zip(first, second, strict=True)]
@@ -67,5 +80,6 @@ def validate(predictor: Predictor, space: SearchSpace, *, n: int = 100, seed: in
         kendall_tau=float(kendalltau(predicted, measured).statistic),
         noise_spread=statistics.median(spread),
         noise_within_10=sum(s <= 0.10 for s in spread) / n,
+        noise_kendall_tau=float(kendalltau(first, second).statistic),
         worst=tuple({"predicted_ms": predicted[i], "measured_ms": measured[i], "error": errors[i],
                      "blocks": len(specs[i].blocks), "choices": space.choices(specs[i])} for i in order))
