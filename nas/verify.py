@@ -102,7 +102,7 @@ def select_networks(study: optuna.Study, ranks: dict[int, int], top: int
 def verify(study: optuna.Study, *, top: int, settings: TrainSettings, device: str = "cpu",
            out_dir: str | os.PathLike[str], progress: bool = True) -> Verification:
     config = study_config(study)
-    report = build_report(study)
+    report = build_report(study, measure_latency=False)  # only its ranks: verify measures what it trains
     ref = study.user_attrs.get("reference")
     resolution = load_space(config["space"]).input.resolution
     data = load_dataset(config["dataset"], resolution, seed=config["seed"], data_dir=config["data_dir"])

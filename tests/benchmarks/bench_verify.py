@@ -47,7 +47,7 @@ def main() -> None:
         with tarfile.open(CIFAR, "r:gz") as tar:
             tar.extractall(images, filter="data")
     config = SearchConfig(space="mobilenetv3_compact", dataset=f"folder:{images / 'train'}", budget=200,
-                          study_name="cifar10", device="cpu", results=str(WORK),
+                          study_name=f"cifar10-sn{args.supernet_epochs}", device="cpu", results=str(WORK),
                           supernet_epochs=args.supernet_epochs, supernet_batch_size=128, val_images=2000)
     t = time.perf_counter()
     prepared = prepare(config)
@@ -71,9 +71,9 @@ def main() -> None:
     figures = {"train_images": len(prepared.data.train), "val_images": len(prepared.data.val),
                "prepare_s": prepare_s, "search_s": outcome.seconds, "trials": outcome.completed,
                "feasible": feasible, "limit_ms": report.limit_ms, "pareto_size": len(report.pareto),
-               "verify_s": verify_s, "recipe": recipe.__dict__, **v.to_json()}
+               "verify_s": verify_s, "recipe": recipe.__dict__, "supernet_epochs": args.supernet_epochs, **v.to_json()}
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / "verify-cifar10.json").write_text(json.dumps(figures, indent=2))
+    (OUT / f"verify-cifar10-sn{args.supernet_epochs}.json").write_text(json.dumps(figures, indent=2))
 
     rows = ["| network | proxy acc (supernet) | stand-alone acc | predicted ms | measured ms |",
             "|---|---|---|---|---|"]
@@ -109,7 +109,26 @@ def main() -> None:
         f"{len(v.rows) - 1} distinct architectures spanning the feasible front (the most accurate first) and the "
         f"reference from scratch with one recipe: {args.epochs} epochs, batch 128, lr 0.1 cosine, no augmentation, "
         f"BN statistics re-estimated on 8 training batches. Measured latency: batch 1, median of 30 runs.\n\n"
-        "| figure | value |\n|---|---|\n" + "\n".join(lines) + "\n\n" + "\n".join(rows))
+        "| figure | value |\n|---|---|\n" + "\n".join(lines) + "\n\n" + "\n".join(rows)
+        + "\n\nEvery supernet budget run so far (raw figures in results/benchmarks/verify-cifar10-sn*.json):\n\n"
+        + budgets())
+
+
+def budgets() -> str:
+    """One row per supernet budget this script has been run with, from the JSON each run leaves."""
+    out = ["| supernet epochs | supernet + table | best found, stand-alone | reference, stand-alone "
+           "| found - reference "
+           "| Kendall tau / Spearman rho |", "|---|---|---|---|---|---|"]
+    runs = [json.loads(p.read_text()) for p in OUT.glob("verify-cifar10-sn*.json")]
+    for r in sorted(runs, key=lambda r: r["supernet_epochs"]):
+        found = [row for row in r["rows"] if row["name"] != "reference"]
+        ref = next(row for row in r["rows"] if row["name"] == "reference")
+        best = max(found, key=lambda row: row["proxy_accuracy"])
+        out.append(f"| {r['supernet_epochs']} | {r['prepare_s'] / 60:.1f} min | {best['standalone_accuracy']:.2%} at "
+                   f"{best['measured_ms']:.3f} ms | {ref['standalone_accuracy']:.2%} at {ref['measured_ms']:.3f} ms | "
+                   f"{(best['standalone_accuracy'] - ref['standalone_accuracy']) * 100:+.2f} points | "
+                   f"{r['kendall_tau']:.3f} / {r['spearman_rho']:.3f} |")
+    return "\n".join(out)
 
 
 if __name__ == "__main__":
