@@ -127,6 +127,11 @@ def time_interleaved(n: int, make: Callable[[int], Callable[[], object]], device
     return samples
 
 
+def median_of_rounds(rounds: list[list[float]]) -> float:
+    """The median over every sample of ``time_interleaved``'s rounds for one call."""
+    return statistics.median(t for r in rounds for t in r)
+
+
 def time_networks(specs: list[NetworkSpec], *, device: str = "cpu", threads: int | None = None, batch_size: int = 1,
                   rounds: int, warmup: int, repeats: int, seed: int = 0, progress: tqdm | None = None
                   ) -> list[list[list[float]]]:

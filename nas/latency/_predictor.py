@@ -14,7 +14,6 @@ import json
 import os
 import platform
 import random
-import statistics
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +25,7 @@ from torch import nn
 from tqdm import tqdm
 
 from nas._schema import SpecError, to_data, write_atomic
-from nas.latency._measure import num_threads, resolve_device, time_interleaved, time_networks
+from nas.latency._measure import median_of_rounds, num_threads, resolve_device, time_interleaved, time_networks
 from nas.model import InvertedResidual, make_classifier, make_last_conv, make_stem
 from nas.space import SearchSpace
 from nas.spec import BatchNormSpec, BlockSpec, ClassifierSpec, LastConvSpec, NetworkSpec, StemSpec
@@ -229,8 +228,8 @@ def profile(space: SearchSpace, *, device: str = "cpu", threads: int | None = No
               disable=not progress, dynamic_ncols=True) as bar:
         with num_threads(threads), torch.inference_mode():
             times = time_interleaved(len(layers), layer_call, dev, progress=bar, **kw)
-        table = {layer: _median(t) for layer, t in zip(layers, times, strict=True)}
-        measured = np.array([_median(t) for t in time_networks(specs, device=device, threads=threads,
+        table = {layer: median_of_rounds(t) for layer, t in zip(layers, times, strict=True)}
+        measured = np.array([median_of_rounds(t) for t in time_networks(specs, device=device, threads=threads,
                                                                   batch_size=batch_size, progress=bar, **kw)])
     predictor = Predictor(space, fp, table, 1.0, 0.0)
     sums = np.array([predictor.layer_sum(spec) for spec in specs])
@@ -241,10 +240,6 @@ def profile(space: SearchSpace, *, device: str = "cpu", threads: int | None = No
     scale, offset = np.linalg.lstsq(a, measured * w, rcond=None)[0]
     predictor.scale, predictor.offset = float(scale), float(offset)
     return predictor
-
-
-def _median(rounds: list[list[float]]) -> float:
-    return statistics.median(t for r in rounds for t in r)
 
 
 def load_table(path: Path, space: SearchSpace, expected: Fingerprint | None, *, force: bool = False) -> Predictor:

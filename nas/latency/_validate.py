@@ -12,7 +12,7 @@ from scipy.stats import kendalltau
 from tqdm import tqdm
 
 from nas._schema import SpecError
-from nas.latency._measure import time_networks
+from nas.latency._measure import median_of_rounds, time_networks
 from nas.latency._predictor import Predictor
 from nas.space import SearchSpace
 from nas.spec import NetworkSpec
@@ -66,9 +66,9 @@ def validate(predictor: Predictor, space: SearchSpace, *, n: int = 100, seed: in
         times = time_networks(specs, device=fp.device, threads=fp.threads, batch_size=fp.batch_size, rounds=rounds,
                               warmup=3, repeats=10, seed=seed, progress=bar)
     half = rounds // 2
-    measured = [statistics.median(t for r in net for t in r) for net in times]
-    first = [statistics.median(t for r in net[:half] for t in r) for net in times]
-    second = [statistics.median(t for r in net[half:] for t in r) for net in times]
+    measured = [median_of_rounds(net) for net in times]
+    first = [median_of_rounds(net[:half]) for net in times]
+    second = [median_of_rounds(net[half:]) for net in times]
     predicted = [predictor.predict(s) for s in specs]
     errors = [(p - m) / m for p, m in zip(predicted, measured, strict=True)]
     spread = [abs(a - b) / a for a, b in zip(first, second, strict=True)]
