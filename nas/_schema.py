@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import os
 import types
 import typing
@@ -232,4 +233,9 @@ def write_atomic(path: str | os.PathLike[str], write: Callable[[Path], object]) 
 
 def write_yaml_atomic(data: Any, path: str | os.PathLike[str], header: str = "") -> None:
     text = header + yaml.safe_dump(data, sort_keys=False, default_flow_style=None, width=120)
+    write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+def write_json_atomic(data: Any, path: str | os.PathLike[str], indent: int = 2) -> None:
+    text = json.dumps(data, indent=indent)
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))

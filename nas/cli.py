@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from nas._schema import SpecError
+from nas._schema import SpecError, write_json_atomic
 
 EXIT_USAGE = 2  # bad input of any kind: flags, files, specs
 
@@ -171,8 +171,7 @@ def _run_latency(args: argparse.Namespace) -> int:
     print(report.format())
     table = predictor.path or table_path(space, fp)
     out = table.with_name(f"validate-{table.stem}-n{args.n}.json")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report.to_json(), indent=2))
+    write_json_atomic(report.to_json(), out)
     print(f"report: {out}")
     return 0
 
@@ -325,8 +324,7 @@ def _run_train(args: argparse.Namespace) -> int:
         print("\ninterrupted: rerun the same command to resume from the last finished epoch", file=sys.stderr)
         return 130
     metrics = out / f"{stem}.{data.key()}.metrics.json"
-    metrics.parent.mkdir(parents=True, exist_ok=True)
-    metrics.write_text(json.dumps(trained.metrics(args.spec, data.name, settings, init), indent=2))
+    write_json_atomic(trained.metrics(args.spec, data.name, settings, init), metrics)
     lat = trained.latency
     print(f"validation accuracy: {trained.val_accuracy:.2%} ({len(data.val)} images of {data.name})")
     print(f"latency: {lat.median_ms:.3f} ms median on {lat.device}, batch 1, {lat.threads} threads")

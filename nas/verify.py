@@ -4,7 +4,6 @@ measure how well the supernet's proxy accuracy ranks them (Kendall tau, Spearman
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 from collections.abc import Iterator
@@ -17,6 +16,7 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from nas._schema import write_atomic, write_json_atomic
 from nas.data import load_dataset
 from nas.report import build_report
 from nas.search import feasible, study_config, trial_spec
@@ -150,6 +150,6 @@ def write_verification(v: Verification, out_dir: str | os.PathLike[str]) -> dict
     data = v.to_json()
     if any(math.isnan(x) for x in (v.kendall_tau, v.spearman_rho)):  # constant accuracies: no ranking to compare
         data["note"] = "tau/rho undefined: all proxy or all stand-alone accuracies are equal"
-    paths["json"].write_text(json.dumps(data, indent=2))
-    verify_figure(v).write_html(paths["html"], include_plotlyjs=True)
+    write_json_atomic(data, paths["json"])
+    write_atomic(paths["html"], lambda p: verify_figure(v).write_html(p, include_plotlyjs=True))
     return paths

@@ -24,7 +24,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from nas._schema import SpecError, to_data, write_atomic
+from nas._schema import SpecError, to_data, write_json_atomic
 from nas.latency._measure import median_of_rounds, num_threads, resolve_device, time_interleaved, time_networks
 from nas.model import InvertedResidual, make_classifier, make_last_conv, make_stem
 from nas.space import SearchSpace
@@ -198,7 +198,7 @@ class Predictor:
         data = {"version": TABLE_VERSION, "space": self.space.name, "space_digest": space_digest(self.space),
                 "fingerprint": dataclasses.asdict(self.fingerprint), "scale": self.scale, "offset": self.offset,
                 "layers": [{**layer.to_json(), "ms": ms} for layer, ms in self.table.items()]}
-        write_atomic(path, lambda tmp: tmp.write_text(json.dumps(data, indent=1)))
+        write_json_atomic(data, path, indent=1)
         self.path = path
 
 
