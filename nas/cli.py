@@ -139,8 +139,9 @@ def _add_latency(p: argparse.ArgumentParser) -> None:
     build.add_argument("--rebuild", action="store_true", help="measure again even if a table exists")
     validate = sub.add_parser("validate", help="compare predictions with real measurements",
                               description="Sample random architectures of a space, build each with nas.build_model "
-                              "and measure it for real (twice, for the noise floor), and report the predictor's "
-                              "error. Writes the report as JSON under results/latency/.")
+                              "and measure it for real (4 interleaved rounds; their two halves give the noise "
+                              "floor), and report the predictor's error. Writes the report as JSON under "
+                              "results/latency/.")
     _add_device_args(validate)
     validate.add_argument("--n", type=_positive_int, default=100, help="architectures to measure (default 100)")
     validate.add_argument("--seed", type=int, default=1, help="sampling seed (default 1)")
@@ -334,7 +335,8 @@ def _run_train(args: argparse.Namespace) -> int:
 
 def _add_verify(p: argparse.ArgumentParser) -> None:
     _add_study_args(p)
-    p.add_argument("--top", type=_positive_int, default=10, help="Pareto specs to retrain, best first (default 10)")
+    p.add_argument("--top", type=_positive_int, default=10,
+                   help="distinct architectures to retrain, spanning the feasible front (default 10)")
     _add_recipe(p, 10)
 
 
@@ -378,7 +380,8 @@ COMMANDS: dict[str, Command] = {
         "beside the spec (results/train/ for built-in specs).", _add_train, _run_train),
     "verify": Command(
         "retrain a study's best specs: does the supernet rank them truthfully?",
-        "Retrain the top K Pareto specs of a study and the space's MobileNetV3 reference with one recipe, and "
+        "Retrain K distinct architectures spanning a study's feasible front (filled from the next non-dominated "
+        "layers when the front is smaller) and the space's MobileNetV3 reference with one recipe, and "
         "report Kendall tau and Spearman rho between proxy (supernet) and stand-alone accuracy, a table, and "
         "results/<study>/verify.html.", _add_verify, _run_verify),
     "build": Command(
