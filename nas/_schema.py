@@ -5,8 +5,9 @@ paths (``blocks[3].kernel: 4 is not one of 3, 5, 7``). It is written here rather
 library because none of torch, optuna, pandas or pyyaml validates into dataclasses, and the error
 format (a path into the YAML document) is part of this project's interface.
 
-Types understood: ``int``, ``float``, ``bool``, ``str``, ``Literal[...]``, nested dataclasses,
-``tuple[X, ...]``, ``X | None`` and ``Mapping[str, Any]`` (free-form, copied read-only). Value
+Types understood: ``int``, ``float``, ``bool``, ``str``, ``Literal[...]``, ``Annotated[T, OneOf(values)]`` (a
+registry's choices, see ``nas.registry``), nested dataclasses, ``tuple[X, ...]``, ``X | None`` and
+``Mapping[str, Any]`` (free-form, copied read-only). Value
 checks beyond the type live in each dataclass's ``__post_init__``, which raises :class:`SpecError`
 naming the field; the reader prefixes the path of the enclosing object.
 """
@@ -15,11 +16,13 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import json
 import os
 import types
 import typing
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar, Union
 
@@ -71,22 +74,62 @@ def fmt_choices(values: typing.Iterable[Any]) -> str:
 
 def check_choice(path: str, value: Any, allowed: typing.Iterable[Any]) -> None:
     allowed = tuple(allowed)
-    if value not in allowed or isinstance(value, bool) != any(isinstance(a, bool) for a in allowed):
+    # The type must match too: 3.0 == 3 and True == 1 in Python, but neither is a kernel size.
+    if value not in allowed or type(value) not in {type(a) for a in allowed}:
         shown = repr(value) if isinstance(value, str) else value
         raise SpecError(path, f"{shown} is not one of {fmt_choices(allowed)}")
 
 
+@dataclass(frozen=True)
+class OneOf:
+    """``Annotated[T, OneOf(values)]``: a field whose value must be one of ``values``."""
+
+    values: tuple[Any, ...]
+
+
+def _allowed(tp: Any) -> tuple[Any, ...] | None:
+    """The allowed values of a choice type (``Literal`` or ``Annotated[..., OneOf]``); None for other types."""
+    if typing.get_origin(tp) is typing.Literal:
+        return typing.get_args(tp)
+    if typing.get_origin(tp) is typing.Annotated:
+        return next((m.values for m in tp.__metadata__ if isinstance(m, OneOf)), None)
+    return None
+
+
+def _strip_optional(tp: Any) -> Any:
+    if typing.get_origin(tp) in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return args[0] if len(args) == 1 else tp
+    return tp
+
+
 @functools.cache
-def _literal_fields(cls: type) -> tuple[tuple[str, tuple[Any, ...]], ...]:
-    hints = typing.get_type_hints(cls)
-    return tuple((f.name, typing.get_args(hints[f.name])) for f in dataclasses.fields(cls)
-                 if typing.get_origin(hints[f.name]) is typing.Literal)
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls, include_extras=True)
 
 
-def check_literals(obj: Any) -> None:
-    """Check every ``Literal``-typed field of a dataclass instance, so code-built objects are checked too."""
-    for name, allowed in _literal_fields(type(obj)):  # type: ignore[arg-type]
-        check_choice(name, getattr(obj, name), allowed)
+@functools.cache
+def _choice_fields(cls: type) -> tuple[tuple[str, tuple[Any, ...], bool], ...]:
+    """(name, allowed values, is a tuple of choices) for each choice-typed field of dataclass ``cls``."""
+    found = []
+    for f in dataclasses.fields(cls):
+        tp = _strip_optional(_hints(cls)[f.name])
+        many = typing.get_origin(tp) is tuple
+        allowed = _allowed(typing.get_args(tp)[0] if many else tp)
+        if allowed is not None:
+            found.append((f.name, allowed, many))
+    return tuple(found)
+
+
+def check_choices(obj: Any) -> None:
+    """Check every choice-typed field of a dataclass instance (``Literal``, ``OneOf``, and tuples of them), so
+    objects built in code are checked as strictly as ones read from YAML. A None of an optional field passes."""
+    for name, allowed, many in _choice_fields(type(obj)):
+        value = getattr(obj, name)
+        if value is None:
+            continue
+        for i, v in enumerate(value) if many else ((None, value),):
+            check_choice(name if i is None else f"{name}[{i}]", v, allowed)
 
 
 def check_positive(path: str, value: int | float) -> None:
@@ -102,8 +145,9 @@ def _read(tp: Any, value: Any, path: str) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _read(inner, value, path)
-    if origin is typing.Literal:
-        check_choice(path, value, typing.get_args(tp))
+    allowed = _allowed(tp)
+    if allowed is not None:
+        check_choice(path, value, allowed)
         return value
     if origin is tuple:
         if not isinstance(value, list):
@@ -142,7 +186,7 @@ def from_data(cls: type[T], data: Any, path: str = "") -> T:
     """Build dataclass ``cls`` from parsed YAML, raising :class:`SpecError` at the exact field."""
     if not isinstance(data, dict):
         raise SpecError(path, f"expected a mapping, got {_type_name(data)}")
-    hints = typing.get_type_hints(cls)
+    hints = _hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
     for key in data:
         if key not in fields:
@@ -239,3 +283,18 @@ def write_yaml_atomic(data: Any, path: str | os.PathLike[str], header: str = "")
 def write_json_atomic(data: Any, path: str | os.PathLike[str], indent: int = 2) -> None:
     text = json.dumps(data, indent=indent)
     write_atomic(path, lambda tmp: tmp.write_text(text, encoding="utf-8"))
+
+
+RESULTS_ENV = "NAS_RESULTS"
+
+
+def results_root(results: str | os.PathLike[str] | None = None) -> Path:
+    """The folder every output goes under: ``results`` when given, else ``$NAS_RESULTS``, else ``./results``."""
+    return Path(results if results is not None else os.environ.get(RESULTS_ENV) or "results")
+
+
+def digest(*parts: Any, length: int = 10) -> str:
+    """A short stable hash of plain data or dataclass trees: the one key of every cache file (supernets, trained
+    networks, latency tables)."""
+    text = json.dumps(to_data(list(parts)), sort_keys=True)
+    return hashlib.sha256(text.encode()).hexdigest()[:length]

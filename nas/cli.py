@@ -6,13 +6,16 @@ Commands are registered in :data:`COMMANDS`, each with ``add_arguments`` and ``r
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import sys
+import types
+import typing
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from nas._schema import SpecError, write_json_atomic
+from nas._schema import SpecError, results_root
 
 EXIT_USAGE = 2  # bad input of any kind: flags, files, specs
 
@@ -32,6 +35,39 @@ class Command:
     run: Callable[[argparse.Namespace], int]
 
 
+def add_fields(p: argparse.ArgumentParser, cls: type, *, only: Sequence[str] | None = None,
+               defaults: dict[str, Any] | None = None) -> None:
+    """One flag per field of dataclass ``cls`` (``--batch-size`` for ``batch_size``), typed by its annotation, with
+    the field's default (or ``defaults``) and its ``help`` metadata: options are declared once, in the library."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        if only is not None and f.name not in only:
+            continue
+        tp = hints[f.name]
+        if typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None
+            (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
+        default = (defaults or {}).get(f.name, f.default)
+        shown = "" if default is None else f" (default {default})"
+        p.add_argument("--" + f.name.replace("_", "-"), type=tp, default=default,
+                       choices=f.metadata.get("choices"), help=f.metadata.get("help", "") + shown)
+
+
+def field_values(args: argparse.Namespace, cls: type, **overrides: Any) -> dict[str, Any]:
+    """The keyword arguments of ``cls`` that ``args`` holds (see :func:`add_fields`)."""
+    names = {f.name for f in dataclasses.fields(cls)}
+    return {k: v for k, v in vars(args).items() if k in names} | overrides
+
+
+def _flags(p: argparse.ArgumentParser) -> dict[str, str]:
+    """Field name -> flag, so a library error naming a field (``budget: -1 ...``) shows the flag (``--budget``).
+    argparse keeps its actions in a private list; it has no public accessor."""
+    return {a.dest: a.option_strings[0] for a in p._actions if a.option_strings and a.dest != "help"}
+
+
+def _results_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--results", default=None, help="results folder (default: $NAS_RESULTS, else ./results)")
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text)
@@ -43,7 +79,8 @@ def _positive_int(text: str) -> int:
 
 
 def _add_build(p: argparse.ArgumentParser) -> None:
-    p.add_argument("spec", help="a built-in spec name (mobilenet_v3_large, mobilenet_v3_small) or a YAML spec path")
+    p.add_argument("spec", help="a built-in spec name (mobilenet_v3_large, mobilenet_v3_small, mobilenet_v2, ...) "
+                                "or a YAML spec path")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of a table")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="intra-op CPU threads for the latency measurement (default: torch's default)")
@@ -63,25 +100,24 @@ def _run_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def _add_train_supernet(p: argparse.ArgumentParser) -> None:
-    from nas.train import TrainSettings
-
-    d = TrainSettings()
-    p.add_argument("--space", default="mobilenetv3_compact",
-                   help="a built-in search space (mobilenetv3_compact, mobilenetv3_small, mobilenetv3_large) or a "
-                        "YAML path (default mobilenetv3_compact)")
+def _add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="digits",
                    help="digits (embedded, default), cifar10, flowers102 or folder:PATH (ImageFolder layout)")
     p.add_argument("--data-dir", default="data", help="where cifar10 and flowers102 are downloaded (default data/)")
-    p.add_argument("--epochs", type=_positive_int, default=d.epochs, help=f"default {d.epochs}")
-    p.add_argument("--batch-size", type=_positive_int, default=d.batch_size, help=f"default {d.batch_size}")
-    p.add_argument("--lr", type=float, default=d.lr, help=f"peak SGD learning rate, cosine decay (default {d.lr})")
-    p.add_argument("--random-subnets", type=int, default=d.random_subnets,
-                   help=f"random subnets per step besides the largest and smallest (default {d.random_subnets})")
-    p.add_argument("--seed", type=int, default=d.seed, help="seeds data split, sampling and init (default 0)")
+
+
+def _add_train_supernet(p: argparse.ArgumentParser) -> None:
+    from nas.train import TrainSettings
+
+    p.add_argument("--space", default="mobilenetv3_compact",
+                   help="a built-in search space (mobilenetv3_compact, mobilenetv3_small, mobilenetv3_large) or a "
+                        "YAML path (default mobilenetv3_compact)")
+    _add_data(p)
+    add_fields(p, TrainSettings)
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default auto: cuda when available)")
+    _results_arg(p)
     p.add_argument("--out", default=None,
-                   help="checkpoint path (default: results/supernets/<space>-<data>-<settings hash>.pt); an "
+                   help="checkpoint path (default: <results>/supernets/<space>-<data>-<settings hash>.pt); an "
                         "unfinished one is resumed, a finished one reused")
 
 
@@ -89,26 +125,24 @@ def _run_train_supernet(args: argparse.Namespace) -> int:
     import time
     from pathlib import Path
 
-    from nas.data import load_dataset
+    from nas.data import load_for
     from nas.latency import resolve_device
     from nas.space import load_space
-    from nas.train import TrainSettings, calibration_batches, score_subnet, train_supernet
+    from nas.train import TrainSettings, calibration_batches, checkpoint_path, score_subnet, train_supernet
 
-    space = load_space(args.space)
     device = resolve_device(args.device)
-    settings = TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-                             random_subnets=args.random_subnets, seed=args.seed)
-    data = load_dataset(args.dataset, space.input.resolution, seed=args.seed, data_dir=args.data_dir)
+    settings = TrainSettings(**field_values(args, TrainSettings))
+    space, data = load_for(load_space(args.space), args.dataset, seed=args.seed, data_dir=args.data_dir)
+    out = Path(args.out) if args.out else checkpoint_path(space, data, settings, results_root(args.results) /
+                                                          "supernets")
     start = time.perf_counter()
     try:
-        result = train_supernet(space, data, settings, checkpoint=Path(args.out) if args.out else None,
-                                device=device)
+        result = train_supernet(space, data, settings, checkpoint=out, device=device)
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command to resume from the last finished epoch", file=sys.stderr)
         return 130
     seconds = time.perf_counter() - start
     calib = calibration_batches(data, device=device)
-    space = result.supernet.space
     for name, spec in (("largest", space.largest()), ("smallest", space.smallest())):
         acc = score_subnet(result.supernet, spec, data, calib, device=device)
         print(f"{name:8s} subnet: {acc:.2%} validation accuracy ({len(data.val)} images, BN recalibrated)")
@@ -123,40 +157,45 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
     p.add_argument("--threads", type=_positive_int, default=None,
                    help="intra-op CPU threads to measure under (default: torch's default on this machine)")
-    p.add_argument("--batch", type=_positive_int, default=1, help="batch size to measure at (default 1)")
+    p.add_argument("--batch", dest="batch_size", type=_positive_int, default=1,
+                   help="batch size to measure at (default 1)")
     p.add_argument("--table", default=None,
-                   help="use this latency table file instead of the one for this device under results/latency/")
+                   help="use this latency table file instead of the one for this device under <results>/latency/")
     p.add_argument("--force", action="store_true",
                    help="accept a table made on another device or for another space")
+    _results_arg(p)
 
 
 def _add_latency(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="latency_command", required=True, metavar="{build,validate}", parser_class=_Parser)
     build = sub.add_parser("build", help="measure every layer of a space on this device (once)",
                            description="Measure every distinct layer a search space can hold on this device, "
-                           "fit the whole-network correction, and write the table under results/latency/.")
+                           "fit the whole-network correction, and write the table under <results>/latency/.")
     _add_device_args(build)
     build.add_argument("--rebuild", action="store_true", help="measure again even if a table exists")
     validate = sub.add_parser("validate", help="compare predictions with real measurements",
                               description="Sample random architectures of a space, build each with nas.build_model "
                               "and measure it for real (4 interleaved rounds; their two halves give the noise "
                               "floor), and report the predictor's error. Writes the report as JSON under "
-                              "results/latency/.")
+                              "<results>/latency/.")
     _add_device_args(validate)
     validate.add_argument("--n", type=_positive_int, default=100, help="architectures to measure (default 100)")
     validate.add_argument("--seed", type=int, default=1, help="sampling seed (default 1)")
+    for leaf in (build, validate):
+        leaf.set_defaults(_flags=_flags(leaf))
 
 
 def _run_latency(args: argparse.Namespace) -> int:
     import time
 
-    from nas.latency import load_predictor, table_path, validate
+    from nas.latency import load_predictor, validate
     from nas.space import load_space
 
     space = load_space(args.space)
     start = time.perf_counter()
-    predictor = load_predictor(space, device=args.device, threads=args.threads, batch_size=args.batch,
-                               table=args.table, force=args.force, rebuild=getattr(args, "rebuild", False))
+    predictor = load_predictor(space, device=args.device, threads=args.threads, batch_size=args.batch_size,
+                               table=args.table, force=args.force, rebuild=getattr(args, "rebuild", False),
+                               root=results_root(args.results) / "latency")
     fp = predictor.fingerprint
     if args.latency_command == "build":
         print(f"latency table: {predictor.path} ({len(predictor.table)} layers, {fp.describe()}; "
@@ -170,62 +209,41 @@ def _run_latency(args: argparse.Namespace) -> int:
         return 0
     report = validate(predictor, space, n=args.n, seed=args.seed)
     print(report.format())
-    table = predictor.path or table_path(space, fp)
-    out = table.with_name(f"validate-{table.stem}-n{args.n}.json")
-    write_json_atomic(report.to_json(), out)
-    print(f"report: {out}")
+    print(f"report: {report.save(predictor)}")
     return 0
 
 
 def _add_search(p: argparse.ArgumentParser) -> None:
-    from nas.search import DEFAULT_SAMPLER, SAMPLERS, SearchConfig
+    from nas.study import SearchConfig
 
-    d = SearchConfig()
-    p.add_argument("--budget", type=int, default=d.budget,
-                   help=f"total COMPLETE trials in the study (default {d.budget}); a rerun continues to it")
-    p.add_argument("--space", default=d.space, help=f"search space, built-in name or YAML path (default {d.space})")
-    p.add_argument("--dataset", default=d.dataset, help="digits (default), cifar10, flowers102 or folder:PATH")
-    p.add_argument("--data-dir", default=d.data_dir, help="where cifar10/flowers102 are downloaded (default data/)")
-    p.add_argument("--latency-ms", type=float, default=None,
-                   help="latency limit in ms on the latency device (default: the predicted latency of the "
-                        "space's MobileNetV3 reference member, i.e. 'no slower than MobileNetV3')")
-    p.add_argument("--sampler", choices=SAMPLERS, default=DEFAULT_SAMPLER,
-                   help=f"Optuna sampler (default {DEFAULT_SAMPLER}, chosen by the hypervolume benchmark)")
-    p.add_argument("--seed", type=int, default=d.seed, help="seeds data split, supernet and sampler (default 0)")
-    p.add_argument("--study-name", default=None, help="default: <space>-<dataset>")
-    p.add_argument("--storage", default=None,
-                   help="Optuna storage URL: sqlite:///PATH or postgresql://USER@HOST/DB; workers on several "
-                        "machines share one budget through one --storage and --study-name (default: "
-                        "sqlite:///results/<study>/study.db)")
-    p.add_argument("--device", default=d.device, help="supernet training and scoring: cpu, cuda or auto (default)")
-    p.add_argument("--latency-device", default=d.latency_device,
-                   help="the device the network will run on, where latency is measured (default cpu)")
-    p.add_argument("--latency-table", default=None,
-                   help="use this latency table file as is, even from another machine (workers of one distributed "
-                        "search should all use the table of the device the network is for)")
-    p.add_argument("--supernet-epochs", type=_positive_int, default=d.supernet_epochs,
-                   help=f"supernet training epochs when no cached supernet exists (default {d.supernet_epochs})")
-    p.add_argument("--supernet-batch-size", type=_positive_int, default=d.supernet_batch_size,
-                   help=f"supernet training batch size (default {d.supernet_batch_size}; 128 suits CIFAR-10)")
-    p.add_argument("--results", default=d.results, help="results folder (default results/)")
+    add_fields(p, SearchConfig)
 
 
 def _run_search(args: argparse.Namespace) -> int:
-    from nas.report import build_report, format_summary, write_report
-    from nas.search import SearchConfig, run_search
+    import signal
+    import threading
 
-    config = SearchConfig(space=args.space, dataset=args.dataset, budget=args.budget, latency_ms=args.latency_ms,
-                          sampler=args.sampler, seed=args.seed, study_name=args.study_name, storage=args.storage,
-                          device=args.device, latency_device=args.latency_device, data_dir=args.data_dir,
-                          results=args.results, supernet_epochs=args.supernet_epochs,
-                          supernet_batch_size=args.supernet_batch_size,
-                          latency_table=args.latency_table)
+    from nas.report import build_report, format_summary, write_report
+    from nas.search import run_search
+    from nas.study import SearchConfig
+
+    config = SearchConfig(**field_values(args, SearchConfig))
+    stop = threading.Event()
+
+    def on_sigint(_sig: int, _frame: object) -> None:
+        if stop.is_set():  # a second Ctrl-C: stop now
+            raise KeyboardInterrupt
+        stop.set()  # the first: finish the trial in flight, then stop
+
+    previous = signal.signal(signal.SIGINT, on_sigint)
     try:
-        outcome = run_search(config)
+        outcome = run_search(config, stop=stop)
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command to continue (finished trials and checkpoints are kept)",
               file=sys.stderr)
         return 130
+    finally:
+        signal.signal(signal.SIGINT, previous)
     report = build_report(outcome.study)
     paths = write_report(report, outcome.study, config.study_dir)
     print(format_summary(report, paths))
@@ -240,23 +258,22 @@ def _run_search(args: argparse.Namespace) -> int:
 
 def _add_study_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--study", required=True, help="the study name (as given to or printed by 'nas search')")
-    p.add_argument("--storage", default=None, help="storage URL (default: sqlite:///results/<study>/study.db)")
-    p.add_argument("--results", default="results", help="results folder (default results/)")
+    p.add_argument("--storage", default=None, help="storage URL (default: sqlite:///<results>/<study>/study.db)")
+    _results_arg(p)
 
 
 def _add_report(p: argparse.ArgumentParser) -> None:
     _add_study_args(p)
-    p.add_argument("--out", default=None, help="where to write (default results/<study>/)")
+    p.add_argument("--out", default=None, help="where to write (default <results>/<study>/)")
 
 
 def _run_report(args: argparse.Namespace) -> int:
-    from pathlib import Path
+    from nas.report import build_report, format_summary, write_report
+    from nas.study import load_study
 
-    from nas.report import build_report, format_summary, load_study, write_report
-
-    study = load_study(args.study, args.storage, args.results)
+    study, _ = load_study(args.study, args.storage, args.results)
     report = build_report(study)
-    paths = write_report(report, study, args.out or Path(args.results) / args.study)
+    paths = write_report(report, study, args.out or results_root(args.results) / args.study)
     print(format_summary(report, paths))
     return 0
 
@@ -268,64 +285,61 @@ def _add_export(p: argparse.ArgumentParser) -> None:
 
 
 def _run_export(args: argparse.Namespace) -> int:
-    from nas.report import build_report, export_specs, load_study
+    from nas.report import build_report, export_specs
+    from nas.study import load_study
 
-    report = build_report(load_study(args.study, args.storage, args.results))
-    for path in export_specs(report, args.out, args.top):
+    study, _ = load_study(args.study, args.storage, args.results)
+    for path in export_specs(build_report(study), args.out, args.top):
         print(path)
     return 0
 
 
+# Stand-alone training's recipe: TrainSettings' fields with defaults for one network (no sandwich subnets).
+_RECIPE = ("epochs", "batch_size", "lr", "seed")
+_RECIPE_DEFAULTS = {"batch_size": 64, "lr": 0.05}
+
+
 def _add_recipe(p: argparse.ArgumentParser, epochs: int | None) -> None:
-    p.add_argument("--epochs", type=_positive_int, required=epochs is None, default=epochs,
-                   help="training epochs" + ("" if epochs is None else f" (default {epochs})"))
-    p.add_argument("--batch-size", type=_positive_int, default=64, help="default 64")
-    p.add_argument("--lr", type=float, default=0.05, help="peak SGD learning rate, cosine decay (default 0.05)")
-    p.add_argument("--seed", type=int, default=0, help="default 0")
+    from nas.train import TrainSettings
+
+    add_fields(p, TrainSettings, only=_RECIPE, defaults={**_RECIPE_DEFAULTS, "epochs": epochs})
     p.add_argument("--device", default="auto", help="cpu, cuda or auto (default auto)")
 
 
 def _recipe(args: argparse.Namespace) -> Any:
     from nas.train import TrainSettings
 
-    return TrainSettings(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, random_subnets=0,
-                         seed=args.seed)
+    return TrainSettings(**field_values(args, TrainSettings, random_subnets=0))
 
 
 def _add_train(p: argparse.ArgumentParser) -> None:
     p.add_argument("spec", help="a spec: built-in name (mobilenet_v3_small, ...), exported or hand-written YAML")
-    p.add_argument("--dataset", default="digits", help="digits (default), cifar10, flowers102 or folder:PATH")
-    p.add_argument("--data-dir", default="data", help="where cifar10/flowers102 are downloaded (default data/)")
+    _add_data(p)
     p.add_argument("--init", choices=("scratch", "torchvision"), default="scratch",
                    help="scratch (default), or torchvision: its ImageNet weights for the mobilenet_v3_* specs, "
                         "from the local torch hub cache, with frozen features and a new last layer")
     _add_recipe(p, None)
+    _results_arg(p)
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
-    from nas.data import load_dataset
+    from nas.data import load_for
     from nas.latency import resolve_device
-    from nas.spec import builtin_spec_names, load_spec
-    from nas.standalone import checkpoint_for, train_network
+    from nas.spec import load_spec
+    from nas.standalone import checkpoint_for, metrics_path, train_network
 
-    spec = load_spec(args.spec)
     settings = _recipe(args)
     device = resolve_device(args.device)
-    data = load_dataset(args.dataset, spec.input.resolution, seed=args.seed, data_dir=args.data_dir)
+    spec, data = load_for(load_spec(args.spec), args.dataset, seed=args.seed, data_dir=args.data_dir)
     init = None if args.init == "scratch" else args.init
-    builtin = args.spec in builtin_spec_names() and not Path(args.spec).exists()
-    out = Path("results/train") if builtin else Path(args.spec).parent
-    stem = args.spec if builtin else Path(args.spec).stem
     try:
         trained = train_network(spec, data, settings, device=device, init=init,
-                                checkpoint=checkpoint_for(spec, data, settings, init, Path("results/train")))
+                                checkpoint=checkpoint_for(spec, data, settings, init,
+                                                          results_root(args.results) / "train"))
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command to resume from the last finished epoch", file=sys.stderr)
         return 130
-    metrics = out / f"{stem}.{data.key()}.metrics.json"
-    write_json_atomic(trained.metrics(args.spec, data.name, settings, init), metrics)
+    metrics = trained.save_metrics(metrics_path(args.spec, data, args.results), args.spec, data.name, settings, init)
     lat = trained.latency
     print(f"validation accuracy: {trained.val_accuracy:.2%} ({len(data.val)} images of {data.name})")
     print(f"latency: {lat.median_ms:.3f} ms median on {lat.device}, batch 1, {lat.threads} threads")
@@ -341,14 +355,12 @@ def _add_verify(p: argparse.ArgumentParser) -> None:
 
 
 def _run_verify(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
     from nas.latency import resolve_device
-    from nas.report import load_study
+    from nas.study import load_study
     from nas.verify import verify, write_verification
 
-    study = load_study(args.study, args.storage, args.results)
-    out = Path(args.results) / args.study
+    study, _ = load_study(args.study, args.storage, args.results)
+    out = results_root(args.results) / args.study
     v = verify(study, top=args.top, settings=_recipe(args), device=str(resolve_device(args.device)),
                out_dir=out / "verify")
     paths = write_verification(v, out)
@@ -407,7 +419,9 @@ def make_parser() -> argparse.ArgumentParser:
                      "networks. Run 'nas COMMAND --help' for each command.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", parser_class=_Parser)
     for name, cmd in COMMANDS.items():
-        cmd.add_arguments(sub.add_parser(name, help=cmd.help, description=cmd.description))
+        p = sub.add_parser(name, help=cmd.help, description=cmd.description)
+        cmd.add_arguments(p)
+        p.set_defaults(_flags=_flags(p))
     return parser
 
 
@@ -416,6 +430,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return COMMANDS[args.command].run(args)
     except SpecError as e:
+        if not e.source and e.path in args._flags:  # a field of a library call: show the flag that set it
+            e = SpecError(args._flags[e.path], e.message)
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:

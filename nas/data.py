@@ -8,9 +8,11 @@ and a 2-core machine would otherwise spend most of an epoch decoding JPEGs again
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +21,10 @@ from torchvision import datasets, transforms
 from tqdm import tqdm
 
 from nas._schema import SpecError
+
+if TYPE_CHECKING:
+    from nas.space import SearchSpace
+    from nas.spec import NetworkSpec
 
 DEFAULT_DATA_DIR = Path("data")
 VAL_FRACTION = 0.2  # of the training images, when a data set has no validation split of its own
@@ -146,6 +152,23 @@ def folder(path: str, resolution: int, seed: int = 0) -> DataSplit:
     return _split(f"folder:{path}", _tensors(train, path), tuple(train.classes), resolution, seed)
 
 
+T = TypeVar("T", "NetworkSpec", "SearchSpace")
+
+
+def load_for(target: T, name: str, *, seed: int = 0, data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR
+             ) -> tuple[T, DataSplit]:
+    """Data set ``name`` at ``target``'s resolution, and ``target`` (a spec or a space) with the data set's number
+    of classes: the one place a data set decides the class count. Training refuses a mismatch."""
+    data = load_dataset(name, target.input.resolution, seed=seed, data_dir=data_dir)
+    return dataclasses.replace(target, num_classes=data.num_classes), data
+
+
+def check_classes(target: NetworkSpec | SearchSpace, data: DataSplit) -> None:
+    if target.num_classes != data.num_classes:
+        raise SpecError("num_classes", f"{target.num_classes}, but data set {data.name} has {data.num_classes} "
+                                       "classes (load both with nas.data.load_for)")
+
+
 def load_dataset(name: str, resolution: int, *, seed: int = 0, data_dir: str | os.PathLike[str] = DEFAULT_DATA_DIR
                  ) -> DataSplit:
     """``digits``, ``cifar10``, ``flowers102`` or ``folder:PATH``, at ``resolution`` x ``resolution``."""
@@ -157,4 +180,4 @@ def load_dataset(name: str, resolution: int, *, seed: int = 0, data_dir: str | o
         return flowers102(resolution, Path(data_dir))
     if name.startswith("folder:") and len(name) > len("folder:"):
         return folder(name[len("folder:"):], resolution, seed)
-    raise SpecError("--dataset", f"{name!r} is not one of 'digits', 'cifar10', 'flowers102', 'folder:PATH'")
+    raise SpecError("dataset", f"{name!r} is not one of 'digits', 'cifar10', 'flowers102', 'folder:PATH'")

@@ -13,7 +13,6 @@ import shutil
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import optuna
@@ -24,8 +23,9 @@ import torch
 from nas._schema import SpecError, write_atomic
 from nas.latency import measure
 from nas.model import build_model
-from nas.search import feasible, open_storage, sqlite_path, study_config, trial_spec
+from nas.registry import ACTIVATIONS
 from nas.spec import NetworkSpec, save_spec
+from nas.study import Reference, StudyRecord, feasible, trial_spec
 
 
 @dataclass(frozen=True)
@@ -42,39 +42,35 @@ class ParetoEntry:
 @dataclass(frozen=True)
 class Report:
     study: str
-    config: dict[str, Any]
-    limit_ms: float
+    record: StudyRecord
     trials: pd.DataFrame  # one row per trial: number, state, objectives, feasibility, Pareto flag, choices
     pareto: tuple[ParetoEntry, ...]
-    reference: dict[str, Any] | None  # the space's MobileNetV3 member: accuracy, predicted latency
     hypervolume: float
 
+    @property
+    def limit_ms(self) -> float:
+        return self.record.latency_limit_ms
 
-def load_study(study_name: str, storage: str | None = None, results: str = "results") -> optuna.Study:
-    url = storage or f"sqlite:///{Path(results) / study_name / 'study.db'}"
-    db = sqlite_path(url)
-    if db is not None and not db.exists():
-        raise SpecError("--study", f"no study {study_name!r}: {db} does not exist")
-    try:
-        return optuna.load_study(study_name=study_name, storage=open_storage(url))
-    except KeyError:
-        raise SpecError("--study", f"no study {study_name!r} in {url}") from None
+    @property
+    def reference(self) -> Reference | None:
+        """The space's MobileNetV3 member, scored like the trials."""
+        return self.record.reference
 
 
 def hypervolume(points: list[tuple[float, float]], limit_ms: float) -> float:
-    """Area dominated by (accuracy, latency) points inside accuracy [0, 1] x latency [0, limit], normalised
-    so 1.0 is a perfect network at zero latency. Infeasible points add nothing."""
+    """Area dominated by the (accuracy, latency) points of feasible trials inside accuracy [0, 1] x latency
+    [0, limit], normalised so 1.0 is a perfect network at zero latency."""
     from optuna._hypervolume import compute_hypervolume  # Optuna's exact WFG; no public alias in 5.x
 
-    losses = np.array([(-a, ms / limit_ms) for a, ms in points if ms <= limit_ms], dtype=float)
+    losses = np.array([(-a, ms / limit_ms) for a, ms in points], dtype=float)
     if len(losses) == 0:
         return 0.0
     return float(compute_hypervolume(losses, np.array([0.0, 1.0])))
 
 
 def build_report(study: optuna.Study, *, measure_latency: bool = True) -> Report:
-    config = study_config(study)
-    limit = float(config["latency_limit_ms"])
+    record = StudyRecord.load(study)
+    limit = record.latency_limit_ms
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
     best = {t.number for t in study.best_trials}
     rows = []
@@ -87,33 +83,33 @@ def build_report(study: optuna.Study, *, measure_latency: bool = True) -> Report
                      **{f"params_{k}": v for k, v in t.params.items()}})
     trials = pd.DataFrame(rows, columns=None if rows else ["number", "state", "accuracy", "predicted_latency_ms",
                                                            "feasible", "pareto", "duration_s"])
-    fp = config.get("latency_fingerprint", {})
-    can_measure = measure_latency and (fp.get("device") == "cpu" or torch.cuda.is_available())
+    fp = record.fingerprint
+    can_measure = measure_latency and (fp.device == "cpu" or torch.cuda.is_available())
     ranked = sorted((t for t in complete if t.number in best), key=lambda t: (-t.values[0], t.values[1]))
     pareto = []
     for rank, t in enumerate(ranked, start=1):
         spec = trial_spec(t)
-        measured = measure(spec, device=fp.get("device", "cpu"), threads=fp.get("threads"),
-                           batch_size=fp.get("batch_size", 1)).median_ms if can_measure else None
+        measured = measure(spec, device=fp.device, threads=fp.threads,
+                           batch_size=fp.batch_size).median_ms if can_measure else None
         spec = spec.with_metadata(
-            origin=f"nas search, study {study.study_name}, trial {t.number}", search_space=config["space_name"],
-            dataset=config["dataset"], trial=t.number, rank=rank, proxy_accuracy=round(t.values[0], 6),
+            origin=f"nas search, study {study.study_name}, trial {t.number}", search_space=record.space_name,
+            dataset=record.config.dataset, trial=t.number, rank=rank, proxy_accuracy=round(t.values[0], 6),
             predicted_latency_ms=round(t.values[1], 4),
             measured_latency_ms=None if measured is None else round(measured, 4),
-            latency_device=fp.get("processor"), latency_limit_ms=round(limit, 4))
+            latency_device=fp.processor, latency_limit_ms=round(limit, 4))
         params = sum(p.numel() for p in build_model(spec).parameters())
         pareto.append(ParetoEntry(rank, t.number, t.values[0], t.values[1], measured, params, spec))
     hv = hypervolume([(t.values[0], t.values[1]) for t in complete if feasible(t)], limit)
-    return Report(study.study_name, config, limit, trials, tuple(pareto), study.user_attrs.get("reference"), hv)
+    return Report(study.study_name, record, trials, tuple(pareto), hv)
 
 
-def _architecture(spec_data: dict[str, Any]) -> str:
-    blocks = spec_data["blocks"]
-    return (f"{len(blocks)} blocks<br>k {' '.join(str(b['kernel']) for b in blocks)}"
-            f"<br>exp {' '.join(str(b['expanded_channels']) for b in blocks)}"
-            f"<br>out {' '.join(str(b['out_channels']) for b in blocks)}"
-            f"<br>se {''.join('+' if b['se'] else '-' for b in blocks)}"
-            f"<br>act {''.join('h' if b['activation'] == 'hswish' else 'r' for b in blocks)}")
+def _architecture(spec: NetworkSpec) -> str:
+    blocks = spec.blocks
+    return (f"{len(blocks)} blocks<br>k {' '.join(str(b.kernel) for b in blocks)}"
+            f"<br>exp {' '.join(str(b.expanded_channels) for b in blocks)}"
+            f"<br>out {' '.join(str(b.out_channels) for b in blocks)}"
+            f"<br>se {''.join('+' if b.se else '-' for b in blocks)}"
+            f"<br>act {' '.join(ACTIVATIONS[b.activation].label for b in blocks)}")
 
 
 def pareto_figure(report: Report, study: optuna.Study) -> go.Figure:
@@ -127,28 +123,28 @@ def pareto_figure(report: Report, study: optuna.Study) -> go.Figure:
         part = df[mask]
         fig.add_trace(go.Scatter(
             x=part["predicted_latency_ms"], y=part["accuracy"], mode="markers", name=label, marker=style,
-            text=[f"trial {n}<br>{_architecture(complete[n].user_attrs['spec'])}" for n in part["number"]],
+            text=[f"trial {n}<br>{_architecture(trial_spec(complete[n]))}" for n in part["number"]],
             hovertemplate="%{text}<br>%{x:.3f} ms, acc %{y:.4f}<extra></extra>"))
     front = sorted(report.pareto, key=lambda e: e.predicted_ms)
     fig.add_trace(go.Scatter(
         x=[e.predicted_ms for e in front], y=[e.accuracy for e in front], mode="lines+markers",
         name="Pareto-optimal (exported)", marker={"color": "#e45756", "size": 10}, line={"shape": "hv"},
-        text=[f"rank {e.rank}, trial {e.trial}<br>{_architecture(complete[e.trial].user_attrs['spec'])}"
+        text=[f"rank {e.rank}, trial {e.trial}<br>{_architecture(e.spec)}"
               for e in front],
         hovertemplate="%{text}<br>%{x:.3f} ms, acc %{y:.4f}<extra></extra>"))
     if report.reference is not None:
         ref = report.reference
         fig.add_trace(go.Scatter(
-            x=[ref["predicted_latency_ms"]], y=[ref["accuracy"]], mode="markers", name="MobileNetV3 reference",
+            x=[ref.predicted_latency_ms], y=[ref.accuracy], mode="markers", name="MobileNetV3 reference",
             marker={"color": "black", "symbol": "star", "size": 16},
-            text=[_architecture(ref["spec"])], hovertemplate="reference<br>%{text}<br>%{x:.3f} ms, "
+            text=[_architecture(ref.spec)], hovertemplate="reference<br>%{text}<br>%{x:.3f} ms, "
                                                              "acc %{y:.4f}<extra></extra>"))
     fig.add_vline(x=report.limit_ms, line_dash="dash", line_color="gray",
                   annotation_text=f"limit {report.limit_ms:.2f} ms")
-    c = report.config
-    fig.update_layout(title=f"{report.study}: proxy accuracy vs predicted latency ({c['space_name']}, "
-                            f"{c['dataset']}, {c['sampler']})",
-                      xaxis_title=f"predicted latency, ms ({c['latency_fingerprint'].get('processor', '')})",
+    r = report.record
+    fig.update_layout(title=f"{report.study}: proxy accuracy vs predicted latency ({r.space_name}, "
+                            f"{r.config.dataset}, {r.config.sampler})",
+                      xaxis_title=f"predicted latency, ms ({r.fingerprint.processor})",
                       yaxis_title="validation accuracy through the supernet", template="plotly_white")
     return fig
 
@@ -215,8 +211,8 @@ def format_summary(report: Report, paths: dict[str, Path] | None = None, top: in
              f"hypervolume {report.hypervolume:.4f}"]
     if report.reference is not None:
         r = report.reference
-        lines.append(f"reference (MobileNetV3 member): accuracy {r['accuracy']:.4f}, predicted "
-                     f"{r['predicted_latency_ms']:.3f} ms")
+        lines.append(f"reference (MobileNetV3 member): accuracy {r.accuracy:.4f}, predicted "
+                     f"{r.predicted_latency_ms:.3f} ms")
     table = pd.DataFrame([{"rank": e.rank, "trial": e.trial, "accuracy": f"{e.accuracy:.4f}",
                            "predicted ms": f"{e.predicted_ms:.3f}",
                            "measured ms": "" if e.measured_ms is None else f"{e.measured_ms:.3f}",

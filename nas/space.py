@@ -15,15 +15,15 @@ import random
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
+from importlib.resources.abc import Traversable
 from typing import Any, Literal, TypeVar
 
 from torchvision.models._utils import _make_divisible
 
-from nas._schema import SpecError, check_choice, check_literals, check_positive, from_data, read_yaml
+from nas._schema import SpecError, check_choice, check_choices, check_positive, from_data, read_yaml
+from nas.registry import Activation, BlockKernel, cost_order
 from nas.spec import (
-    Activation,
     BatchNormSpec,
-    BlockKernel,
     BlockSpec,
     ClassifierSpec,
     InputSpec,
@@ -32,6 +32,7 @@ from nas.spec import (
     StemSpec,
     Stride,
     _resolve,
+    builtin_names,
     load_spec,
 )
 
@@ -68,14 +69,14 @@ class StageSpace:
     activation: tuple[Activation, ...] = ("relu",)
 
     def __post_init__(self) -> None:
-        check_literals(self)
+        check_choices(self)
         for name in ("depth", "width", "expand_ratio", "expanded_channels"):
             if getattr(self, name) is not None:
                 _check_options(name, getattr(self, name))
-        for name, allowed in (("kernel", (3, 5, 7)), ("activation", ("relu", "hswish")), ("se", (False, True))):
+        for name in ("kernel", "activation", "se"):  # kernel and activation values: check_choices above
             _check_options(name, getattr(self, name), positive=False)
-            for i, v in enumerate(getattr(self, name)):
-                check_choice(f"{name}[{i}]", v, allowed)
+        for i, v in enumerate(self.se):
+            check_choice(f"se[{i}]", v, (False, True))
         if (self.expand_ratio is None) == (self.expanded_channels is None):
             raise SpecError("expand_ratio", "give exactly one of expand_ratio and expanded_channels")
 
@@ -94,20 +95,26 @@ class LastConvSpace:
     activation: Activation = "hswish"
 
     def __post_init__(self) -> None:
-        check_literals(self)
+        check_choices(self)
         _check_options("out_channels", self.out_channels)
 
 
 @dataclass(frozen=True)
 class ClassifierSpace:
-    hidden: tuple[int, ...]
-    activation: Activation = "hswish"
+    """Hidden-width choices of the classifier; ``hidden`` and ``activation`` null: MobileNetV2's single linear."""
+
+    hidden: tuple[int, ...] | None
+    activation: Activation | None = "hswish"
     dropout: float = 0.2
 
     def __post_init__(self) -> None:
-        check_literals(self)
-        _check_options("hidden", self.hidden)
-        ClassifierSpec(1, self.activation, self.dropout)  # same checks as a spec's classifier
+        check_choices(self)
+        if self.hidden is not None:
+            _check_options("hidden", self.hidden)
+        ClassifierSpec(None if self.hidden is None else 1, self.activation, self.dropout)  # a spec's checks
+
+    def options(self) -> tuple[int | None, ...]:
+        return (None,) if self.hidden is None else self.hidden
 
 
 @dataclass(frozen=True)
@@ -124,7 +131,7 @@ class SearchSpace:
     reference: str | None = None  # a built-in spec or path: the hand-designed member (MobileNetV3) to compare with
 
     def __post_init__(self) -> None:
-        check_literals(self)
+        check_choices(self)
         check_positive("num_classes", self.num_classes)
         if not self.stages:
             raise SpecError("stages", "must list at least one stage")
@@ -150,21 +157,24 @@ class SearchSpace:
             format_version=1, input=self.input, num_classes=self.num_classes, stem=self.stem, blocks=tuple(blocks),
             last_conv=LastConvSpec(pick("last_conv.out_channels", self.last_conv.out_channels),
                                    self.last_conv.activation),
-            classifier=ClassifierSpec(pick("classifier.hidden", self.classifier.hidden), self.classifier.activation,
-                                      self.classifier.dropout),
+            classifier=ClassifierSpec(self._pick_hidden(pick), self.classifier.activation, self.classifier.dropout),
             batch_norm=self.batch_norm, metadata={"search_space": self.name})
+
+    def _pick_hidden(self, pick: Pick) -> int | None:
+        # No choice to make (nor an Optuna parameter) for MobileNetV2's head, which has no hidden layer.
+        return None if self.classifier.hidden is None else pick("classifier.hidden", self.classifier.hidden)
 
     def sample(self, rng: random.Random) -> NetworkSpec:
         """A uniformly random choice at every decision."""
         return self.build(lambda _name, options: rng.choice(list(options)))
 
     def largest(self) -> NetworkSpec:
-        """The member with every width, depth, kernel and expansion at its maximum, and SE on."""
-        return self.build(lambda name, options: max(options, key=lambda v: (v == "hswish", v)))
+        """The member with every width, depth, kernel and expansion at its maximum, SE on, the dearest activation."""
+        return self.build(lambda name, options: max(options, key=cost_order))
 
     def smallest(self) -> NetworkSpec:
-        """The member with every width, depth, kernel and expansion at its minimum, and SE off."""
-        return self.build(lambda name, options: min(options, key=lambda v: (v == "hswish", v)))
+        """The member with every width, depth, kernel and expansion at its minimum, SE off, the cheapest activation."""
+        return self.build(lambda name, options: min(options, key=cost_order))
 
     def from_choices(self, choices: Mapping[str, Any]) -> NetworkSpec:
         """The member a flat dict of choices describes (keys of blocks beyond a stage's depth are ignored)."""
@@ -192,7 +202,8 @@ class SearchSpace:
         if found is None:
             raise SpecError("blocks", f"do not fit the stages of space {self.name!r}")
         found["last_conv.out_channels"] = spec.last_conv.out_channels
-        found["classifier.hidden"] = spec.classifier.hidden
+        if self.classifier.hidden is not None:
+            found["classifier.hidden"] = spec.classifier.hidden
         rebuilt = self.from_choices(found)
         for name in ("last_conv", "classifier"):
             if getattr(rebuilt, name) != getattr(spec, name):
@@ -240,11 +251,10 @@ class SearchSpace:
                         f"{prefix}.se": block.se, f"{prefix}.activation": block.activation}
 
     def reference_spec(self) -> NetworkSpec | None:
-        return None if self.reference is None else load_spec(self.reference)
-
-    def with_num_classes(self, num_classes: int) -> SearchSpace:
-        """The same space for a data set with ``num_classes`` classes."""
-        return dataclasses.replace(self, num_classes=num_classes)
+        """The hand-designed member, with this space's number of classes (a space adapted to a data set by
+        ``nas.data.load_for`` has the data set's)."""
+        return None if self.reference is None else dataclasses.replace(load_spec(self.reference),
+                                                                        num_classes=self.num_classes)
 
     def size(self) -> int:
         """Number of distinct choice combinations (members may coincide when options round alike)."""
@@ -252,16 +262,25 @@ class SearchSpace:
         for stage in self.stages:
             per_block = len(stage.kernel) * len(stage.expansion) * len(stage.se) * len(stage.activation)
             total *= len(stage.width) * sum(per_block ** d for d in stage.depth)
-        return total * len(self.last_conv.out_channels) * len(self.classifier.hidden)
+        return total * len(self.last_conv.out_channels) * len(self.classifier.options())
+
+
+def _spaces_folder() -> Traversable:
+    """The built-in spaces: the package ``nas.spaces`` once installed (pyproject.toml maps ``search_spaces/``
+    there); in a source checkout run with PYTHONPATH, ``search_spaces/`` beside ``nas/`` itself."""
+    try:
+        return resources.files("nas.spaces")
+    except ModuleNotFoundError:
+        return resources.files("nas").joinpath("..", "search_spaces")
 
 
 def builtin_space_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("nas.spaces").iterdir() if p.name.endswith(".yaml"))
+    return builtin_names(_spaces_folder())
 
 
 def load_space(name_or_path: str | os.PathLike[str]) -> SearchSpace:
     """Load a search space from YAML, or a built-in one by name (``mobilenetv3_compact``, ...)."""
-    path = _resolve(name_or_path, "search space", "nas.spaces", builtin_space_names())
+    path = _resolve(name_or_path, "search space", _spaces_folder())
     data = read_yaml(path, "search space")
     try:
         space = from_data(SearchSpace, data)

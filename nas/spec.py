@@ -2,7 +2,8 @@
 
 A :class:`NetworkSpec` means exactly one network (see :func:`nas.build_model`): a stem convolution,
 an ordered list of inverted-residual blocks (MobileNetV2 sec. 3.3, with MobileNetV3's SE and
-h-swish), a last 1x1 convolution, global pooling and a two-layer classifier.
+h-swish), a last 1x1 convolution, global pooling and a classifier (MobileNetV3's two linear layers, or
+MobileNetV2's one). Choice lists (activations, kernels) come from :mod:`nas.registry`.
 """
 
 from __future__ import annotations
@@ -13,16 +14,16 @@ import types
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from importlib import resources
+from importlib.resources.abc import Traversable
 from pathlib import Path
 from typing import Any, Literal
 
 from torchvision.models._utils import _make_divisible
 
-from nas._schema import SpecError, check_literals, check_positive, from_data, read_yaml, to_data, write_yaml_atomic
+from nas._schema import SpecError, check_choices, check_positive, from_data, read_yaml, to_data, write_yaml_atomic
+from nas.registry import Activation, BlockKernel, StemKernel
 
 FORMAT_VERSION = 1
-Activation = Literal["relu", "hswish"]
-BlockKernel = Literal[3, 5, 7]
 Stride = Literal[1, 2]
 
 
@@ -32,7 +33,7 @@ class InputSpec:
     channels: int = 3
 
     def __post_init__(self) -> None:
-        check_literals(self)
+        check_choices(self)
         check_positive("resolution", self.resolution)
         check_positive("channels", self.channels)
 
@@ -40,12 +41,12 @@ class InputSpec:
 @dataclass(frozen=True)
 class StemSpec:
     out_channels: int
-    kernel: Literal[1, 3, 5, 7] = 3
+    kernel: StemKernel = 3
     stride: Stride = 2
     activation: Activation = "hswish"
 
     def __post_init__(self) -> None:
-        check_literals(self)
+        check_choices(self)
         check_positive("out_channels", self.out_channels)
 
 
@@ -66,7 +67,7 @@ class BlockSpec:
     dilation: int = 1
 
     def __post_init__(self) -> None:
-        check_literals(self)
+        check_choices(self)
         for name in ("in_channels", "expanded_channels", "out_channels", "dilation"):
             check_positive(name, getattr(self, name))
 
@@ -95,19 +96,25 @@ class LastConvSpec:
     activation: Activation = "hswish"
 
     def __post_init__(self) -> None:
-        check_literals(self)
+        check_choices(self)
         check_positive("out_channels", self.out_channels)
 
 
 @dataclass(frozen=True)
 class ClassifierSpec:
-    hidden: int
-    activation: Activation = "hswish"
+    """After global pooling: linear to ``hidden``, activation, dropout, linear to the classes (MobileNetV3); or,
+    with ``hidden`` and ``activation`` null, dropout and one linear layer (MobileNetV2)."""
+
+    hidden: int | None
+    activation: Activation | None = "hswish"
     dropout: float = 0.2
 
     def __post_init__(self) -> None:
-        check_literals(self)
-        check_positive("hidden", self.hidden)
+        check_choices(self)
+        if self.hidden is not None:
+            check_positive("hidden", self.hidden)
+        if (self.hidden is None) != (self.activation is None):
+            raise SpecError("activation", "must be null exactly when hidden is null (no hidden layer)")
         if not 0.0 <= self.dropout < 1.0:
             raise SpecError("dropout", f"{self.dropout} is not in [0, 1)")
 
@@ -118,7 +125,7 @@ class BatchNormSpec:
     momentum: float = 0.01
 
     def __post_init__(self) -> None:
-        check_literals(self)
+        check_choices(self)
         check_positive("eps", self.eps)
         if not 0.0 < self.momentum <= 1.0:
             raise SpecError("momentum", f"{self.momentum} is not in (0, 1]")
@@ -140,7 +147,7 @@ class NetworkSpec:
     metadata: Mapping[str, Any] = field(default_factory=lambda: types.MappingProxyType({}), compare=False)
 
     def __post_init__(self) -> None:
-        check_literals(self)
+        check_choices(self)
         check_positive("num_classes", self.num_classes)
         if not self.blocks:
             raise SpecError("blocks", "must list at least one block")
@@ -170,24 +177,29 @@ def spec_to_dict(spec: NetworkSpec) -> dict[str, Any]:
     return data
 
 
+def builtin_names(folder: Traversable) -> list[str]:
+    return sorted(p.name[:-5] for p in folder.iterdir() if p.name.endswith(".yaml"))
+
+
 def builtin_spec_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("nas.specs").iterdir() if p.name.endswith(".yaml"))
+    return builtin_names(resources.files("nas.specs"))
 
 
-def _resolve(name_or_path: str | os.PathLike[str], kind: str, package: str, builtins: list[str]) -> Path:
+def _resolve(name_or_path: str | os.PathLike[str], kind: str, folder: Traversable) -> Path:
     """A built-in name (no suffix, no directory) or a path; anything else is an error naming both."""
     text = str(name_or_path)
     path = Path(text)
     if path.exists() or path.suffix or os.sep in text:
         return path
+    builtins = builtin_names(folder)
     if text in builtins:
-        return Path(str(resources.files(package).joinpath(text + ".yaml")))
+        return Path(str(folder.joinpath(text + ".yaml")))
     raise SpecError("", f"not a file nor a built-in {kind} (built-ins: {', '.join(builtins)})", source=text)
 
 
 def load_spec(name_or_path: str | os.PathLike[str]) -> NetworkSpec:
-    """Load a spec from a YAML file, or a built-in one by name (``mobilenet_v3_large``, ``mobilenet_v3_small``)."""
-    path = _resolve(name_or_path, "spec", "nas.specs", builtin_spec_names())
+    """Load a spec from a YAML file, or a built-in one by name (``mobilenet_v3_large``, ``mobilenet_v2``, ...)."""
+    path = _resolve(name_or_path, "spec", resources.files("nas.specs"))
     data = read_yaml(path, "network spec")
     try:
         return spec_from_dict(data)
@@ -199,3 +211,37 @@ def save_spec(spec: NetworkSpec, path: str | os.PathLike[str]) -> None:
     """Write ``spec`` as YAML (atomically); :func:`load_spec` gives back an equal spec."""
     header = "# nas network spec; build with nas.build_model(nas.load_spec(path))\n"
     write_yaml_atomic(spec_to_dict(spec), path, header=header)
+
+
+Op = StemSpec | BlockSpec | LastConvSpec | ClassifierSpec
+
+
+@dataclass(frozen=True)
+class Part:
+    """One top-level layer of a network: its module path in ``nas.build_model(spec)``, its description, and the
+    channels and side of its input feature map."""
+
+    path: str
+    op: Op
+    in_channels: int
+    size: int
+
+
+def conv_out(size: int, kernel: int, stride: int, dilation: int = 1) -> int:
+    """Output side of a 'same'-padded conv (torchvision's Conv2dNormActivation padding)."""
+    pad = (kernel - 1) // 2 * dilation
+    return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
+
+
+def network_parts(spec: NetworkSpec) -> tuple[Part, ...]:
+    """The layers of ``spec`` in order, from the description alone: the one walk of a network's structure, shared
+    by the builder, the latency table and the summary."""
+    size = spec.input.resolution
+    found = [Part("features.0", spec.stem, spec.input.channels, size)]
+    size = conv_out(size, spec.stem.kernel, spec.stem.stride)
+    for i, b in enumerate(spec.blocks, start=1):
+        found.append(Part(f"features.{i}", b, b.in_channels, size))
+        size = conv_out(size, b.kernel, b.depthwise_stride, b.dilation)
+    found.append(Part(f"features.{len(spec.blocks) + 1}", spec.last_conv, spec.blocks[-1].out_channels, size))
+    found.append(Part("classifier", spec.classifier, spec.last_conv.out_channels, size))
+    return tuple(found)

@@ -5,8 +5,6 @@ verification of a search: does the supernet's proxy accuracy rank architectures 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,11 +15,11 @@ import torch.nn.functional as F
 from scipy.stats import kendalltau, spearmanr
 from torch import nn
 
-from nas._schema import SpecError, to_data
-from nas.data import DataSplit
+from nas._schema import SpecError, digest, results_root, to_data, write_json_atomic
+from nas.data import DataSplit, check_classes
 from nas.latency import Measurement, measure
 from nas.model import Network, build_model
-from nas.spec import NetworkSpec, load_spec
+from nas.spec import NetworkSpec, builtin_spec_names, load_spec
 from nas.supernet import recalibrate_bn
 from nas.train import TrainSettings, accuracy, calibration_batches, fit
 
@@ -45,6 +43,19 @@ class Trained:
                 "params": sum(p.numel() for p in self.model.parameters()), "history": self.history,
                 "checkpoint": str(self.checkpoint)}
 
+    def save_metrics(self, path: str | os.PathLike[str], source: str, dataset: str, settings: TrainSettings,
+                     init: str | None) -> Path:
+        write_json_atomic(self.metrics(source, dataset, settings, init), path)
+        return Path(path)
+
+
+def metrics_path(source: str, data: DataSplit, results: str | os.PathLike[str] | None = None) -> Path:
+    """Where ``nas train SOURCE`` writes its metrics: beside a spec file, or under ``<results>/train`` for a
+    built-in spec."""
+    if source in builtin_spec_names() and not Path(source).exists():
+        return results_root(results) / "train" / f"{source}.{data.key()}.metrics.json"
+    return Path(source).parent / f"{Path(source).stem}.{data.key()}.metrics.json"
+
 
 def _torchvision_init(spec: NetworkSpec, model: Network, num_classes: int) -> list[nn.Parameter]:
     """Load torchvision's ImageNet weights (from the local torch hub cache) and train only a new last layer."""
@@ -54,12 +65,12 @@ def _torchvision_init(spec: NetworkSpec, model: Network, num_classes: int) -> li
     matches = [name for name in TORCHVISION_SPECS
                if load_spec(name) == dataclasses.replace(arch, num_classes=1000)]
     if not matches:
-        raise SpecError("--init", "torchvision weights exist only for the mobilenet_v3_large and mobilenet_v3_small "
+        raise SpecError("init", "torchvision weights exist only for the mobilenet_v3_large and mobilenet_v3_small "
                                   "specs (any number of classes)")
     weights = getattr(torchvision.models, TORCHVISION_SPECS[matches[0]]).IMAGENET1K_V1
     path = Path(torch.hub.get_dir()) / "checkpoints" / Path(weights.url).name
     if not path.exists():
-        raise SpecError("--init", f"pretrained weights not found at {path}; download {weights.url} there "
+        raise SpecError("init", f"pretrained weights not found at {path}; download {weights.url} there "
                                   "(this machine has no network)")
     state = torch.load(path, map_location="cpu", weights_only=True)
     full = build_model(dataclasses.replace(spec, num_classes=1000))
@@ -75,10 +86,9 @@ def train_network(spec: NetworkSpec, data: DataSplit, settings: TrainSettings, *
                   device: torch.device | str = "cpu", init: str | None = None, progress: bool = True,
                   measure_latency: bool = True) -> Trained:
     """Train ``nas.build_model(spec)`` on ``data`` (resumable through ``checkpoint``) and evaluate it."""
-    if spec.num_classes != data.num_classes:
-        spec = dataclasses.replace(spec, num_classes=data.num_classes)
+    check_classes(spec, data)
     if spec.input.resolution != data.resolution:
-        raise SpecError("--dataset", f"was loaded at {data.resolution}px, the spec takes {spec.input.resolution}px")
+        raise SpecError("dataset", f"was loaded at {data.resolution}px, the spec takes {spec.input.resolution}px")
     device = torch.device(device)
     torch.manual_seed(settings.seed)
     model = build_model(spec)
@@ -105,13 +115,11 @@ def train_network(spec: NetworkSpec, data: DataSplit, settings: TrainSettings, *
 
 def checkpoint_for(spec: NetworkSpec, data: DataSplit, settings: TrainSettings, init: str | None,
                    root: str | os.PathLike[str]) -> Path:
-    key = json.dumps([to_data(spec.without_metadata()), data.key(), dataclasses.asdict(settings), init],
-                     sort_keys=True)
-    return Path(root) / f"net-{data.key()}-{hashlib.sha256(key.encode()).hexdigest()[:10]}.pt"
+    return Path(root) / f"net-{data.key()}-{digest(spec.without_metadata(), data.key(), settings, init)}.pt"
 
 
 def rank_agreement(proxy: list[float], standalone: list[float]) -> tuple[float, float]:
     """Kendall's tau and Spearman's rho between proxy and stand-alone accuracies."""
     if len(proxy) < 2:
-        raise SpecError("--top", "rank agreement needs at least two architectures")
+        raise SpecError("top", "rank agreement needs at least two architectures")
     return float(kendalltau(proxy, standalone).statistic), float(spearmanr(proxy, standalone).statistic)

@@ -15,7 +15,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from nas.latency import Measurement, measure_module
 from nas.model import build_model
-from nas.spec import NetworkSpec
+from nas.spec import BlockSpec, LastConvSpec, NetworkSpec, StemSpec, network_parts
 
 
 @dataclass(frozen=True)
@@ -64,7 +64,7 @@ def summarize(spec: NetworkSpec, *, source: str = "", latency: bool = True, devi
     x = torch.randn(1, spec.input.channels, res, res)
     sizes: dict[str, int] = {}
     hooks = [m.register_forward_hook(lambda _m, _i, out, name=name: sizes.__setitem__(name, out.shape[-1]))
-             for name, m in model.features.named_children()]
+             for name, m in model.named_modules() if name.count(".") == 1 and name.startswith("features.")]
     with torch.inference_mode(), FlopCounterMode(display=False) as counter:
         model(x)
     for h in hooks:
@@ -77,20 +77,27 @@ def summarize(spec: NetworkSpec, *, source: str = "", latency: bool = True, devi
     def params_of(module: torch.nn.Module) -> int:
         return sum(p.numel() for p in module.parameters())
 
-    n = len(spec.blocks)
-    rows = [LayerRow("features.0", "stem conv", spec.input.channels, None, spec.stem.out_channels, spec.stem.kernel,
-                     spec.stem.stride, None, spec.stem.activation, sizes["0"], params_of(model.features[0]),
-                     macs_of("features.0"))]
-    for i, b in enumerate(spec.blocks, start=1):
-        rows.append(LayerRow(f"features.{i}", "inverted residual" + (" +skip" if b.use_residual else ""),
-                             b.in_channels, b.expanded_channels, b.out_channels, b.kernel, b.stride, b.se,
-                             b.activation, sizes[str(i)], params_of(model.features[i]), macs_of(f"features.{i}")))
-    rows.append(LayerRow(f"features.{n + 1}", "last conv 1x1", spec.blocks[-1].out_channels, None,
-                         spec.last_conv.out_channels, 1, 1, None, spec.last_conv.activation, sizes[str(n + 1)],
-                         params_of(model.features[n + 1]), macs_of(f"features.{n + 1}")))
-    rows.append(LayerRow("classifier", f"pool+linear({spec.classifier.hidden})+linear", spec.last_conv.out_channels,
-                         spec.classifier.hidden, spec.num_classes, None, None, None, spec.classifier.activation, 1,
-                         params_of(model.classifier), macs_of("classifier")))
+    rows = []
+    for p in network_parts(spec):
+        module = model.get_submodule(p.path)
+        op = p.op
+        common = {"name": p.path, "in_channels": p.in_channels, "params": params_of(module), "macs": macs_of(p.path),
+                  "out_size": sizes.get(p.path, 1)}
+        if isinstance(op, StemSpec):
+            row = LayerRow(op="stem conv", expanded=None, out_channels=op.out_channels, kernel=op.kernel,
+                           stride=op.stride, se=None, activation=op.activation, **common)
+        elif isinstance(op, BlockSpec):
+            row = LayerRow(op="inverted residual" + (" +skip" if op.use_residual else ""),
+                           expanded=op.expanded_channels, out_channels=op.out_channels, kernel=op.kernel,
+                           stride=op.stride, se=op.se, activation=op.activation, **common)
+        elif isinstance(op, LastConvSpec):
+            row = LayerRow(op="last conv 1x1", expanded=None, out_channels=op.out_channels, kernel=1, stride=1,
+                           se=None, activation=op.activation, **common)
+        else:
+            head = "pool+dropout+linear" if op.hidden is None else f"pool+linear({op.hidden})+linear"
+            row = LayerRow(op=head, expanded=op.hidden, out_channels=spec.num_classes, kernel=None, stride=None,
+                           se=None, activation=op.activation or "", **common)
+        rows.append(row)
     lat = None
     if latency:
         lat = measure_module(model, tuple(x.shape), device=device, threads=threads, repeats=repeats)

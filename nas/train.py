@@ -9,13 +9,11 @@ resumes from the last one, and a finished checkpoint is reused as a cache.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import os
 import random
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,8 +22,8 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from nas._schema import SpecError, to_data, write_atomic
-from nas.data import DataSplit
+from nas._schema import SpecError, digest, results_root, to_data, write_atomic
+from nas.data import DataSplit, check_classes
 from nas.space import SearchSpace
 from nas.spec import NetworkSpec
 from nas.supernet import Supernet, recalibrate_bn
@@ -37,21 +35,24 @@ CHECKPOINT_VERSION = 1
 class TrainSettings:
     # Defaults: the digits run that meets the accuracy goals in about a minute on 2 cores
     # (tests/benchmarks/bench_supernet.py digits; results/BENCHMARKS.md).
-    epochs: int = 5
-    batch_size: int = 32
-    lr: float = 0.1
-    weight_decay: float = 5e-5
-    random_subnets: int = 1
-    seed: int = 0
+    epochs: int = field(default=5, metadata={"help": "training epochs"})
+    batch_size: int = field(default=32, metadata={"help": "images per step"})
+    lr: float = field(default=0.1, metadata={"help": "peak SGD learning rate, cosine decay"})
+    weight_decay: float = field(default=5e-5, metadata={"help": "SGD weight decay (not on BN and biases)"})
+    random_subnets: int = field(default=1, metadata={
+        "help": "random subnets per step besides the largest and smallest (sandwich rule)"})
+    seed: int = field(default=0, metadata={"help": "seeds data order, subnet sampling and initialisation"})
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
-                raise SpecError(f"--{name.replace('_', '-')}", f"{getattr(self, name)} must be positive")
-        if self.lr <= 0:
-            raise SpecError("--lr", f"{self.lr} must be positive")
+                raise SpecError(name, f"{getattr(self, name)} must be positive")
+        if not self.lr > 0:
+            raise SpecError("lr", f"{self.lr} must be positive")
+        if not self.weight_decay >= 0:
+            raise SpecError("weight_decay", f"{self.weight_decay} must be zero or more")
         if self.random_subnets < 0:
-            raise SpecError("--random-subnets", f"{self.random_subnets} must be zero or more")
+            raise SpecError("random_subnets", f"{self.random_subnets} must be zero or more")
 
 
 @dataclass
@@ -63,11 +64,10 @@ class TrainResult:
 
 
 def checkpoint_path(space: SearchSpace, data: DataSplit, settings: TrainSettings,
-                    root: str | os.PathLike[str] = "results/supernets") -> Path:
-    """The cache file for this space, data set and training settings."""
-    key = json.dumps([to_data(space), data.key(), dataclasses.asdict(settings)], sort_keys=True)
-    digest = hashlib.sha256(key.encode()).hexdigest()[:10]
-    return Path(root) / f"{space.name}-{data.key()}-{digest}.pt"
+                    root: str | os.PathLike[str] | None = None) -> Path:
+    """The cache file for this space, data set and training settings (default root: ``<results>/supernets``)."""
+    root = results_root() / "supernets" if root is None else Path(root)
+    return root / f"{space.name}-{data.key()}-{digest(space, data.key(), settings)}.pt"
 
 
 def _save_atomic(obj: dict[str, Any], path: Path) -> None:
@@ -110,7 +110,7 @@ def fit(model: nn.Module, data: DataSplit, settings: TrainSettings, step: Step, 
     opt = _optimizer(model, settings, params)
     steps_per_epoch = len(data.train) // settings.batch_size
     if steps_per_epoch < 1:
-        raise SpecError("--batch-size", f"{settings.batch_size} is more than the {len(data.train)} training images")
+        raise SpecError("batch_size", f"{settings.batch_size} is more than the {len(data.train)} training images")
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.epochs * steps_per_epoch)
     start, history = 0, []
     if path.exists():
@@ -159,8 +159,8 @@ def fit(model: nn.Module, data: DataSplit, settings: TrainSettings, step: Step, 
 def train_supernet(space: SearchSpace, data: DataSplit, settings: TrainSettings = TrainSettings(), *,
                    checkpoint: Path | None = None, device: torch.device | str = "cpu",
                    progress: bool = True) -> TrainResult:
-    """Train (or resume, or reuse) a supernet of ``space`` on ``data``."""
-    space = space.with_num_classes(data.num_classes)
+    """Train (or resume, or reuse) a supernet of ``space`` on ``data`` (see ``nas.data.load_for``)."""
+    check_classes(space, data)
     device = torch.device(device)
     path = checkpoint or checkpoint_path(space, data, settings)
     torch.manual_seed(settings.seed)
@@ -169,20 +169,17 @@ def train_supernet(space: SearchSpace, data: DataSplit, settings: TrainSettings 
     largest, smallest = space.largest(), space.smallest()
 
     def sandwich(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        supernet.activate(largest)
-        logits = supernet(x)
+        logits = supernet(x, largest)
         loss = F.cross_entropy(logits, y)
         loss.backward()
         soft = logits.detach().softmax(dim=1)
         for spec in [smallest, *(space.sample(rng) for _ in range(settings.random_subnets))]:
-            supernet.activate(spec)
-            F.cross_entropy(supernet(x), soft).backward()  # in-place distillation from the largest
+            F.cross_entropy(supernet(x, spec), soft).backward()  # in-place distillation from the largest
         return loss, logits
 
     meta = {"space": to_data(space), "data": data.key(), "settings": dataclasses.asdict(settings)}
     history, reused = fit(supernet, data, settings, sandwich, path=path, meta=meta, device=device,
                           progress=progress, desc=f"supernet {space.name}", rng=rng)
-    supernet.activate(largest)
     return TrainResult(supernet.eval(), path, history, reused)
 
 
@@ -212,15 +209,17 @@ def calibration_batches(data: DataSplit, *, batches: int = 4, batch_size: int = 
 
 @torch.inference_mode()
 def accuracy(model: nn.Module, data: DataSplit, *, batch_size: int = 512, device: torch.device | str = "cpu",
-             max_images: int | None = None) -> float:
-    """Top-1 accuracy on the validation split (the first ``max_images`` of it, if given)."""
+             max_images: int | None = None, spec: NetworkSpec | None = None) -> float:
+    """Top-1 accuracy on the validation split (the first ``max_images`` of it, if given) of ``model``, or of a
+    supernet's member ``spec``."""
     model.eval()
     correct = seen = 0
     for x, y in data.loader("val", batch_size, shuffle=False):
         if max_images is not None and seen >= max_images:
             break
         x, y = x.to(device), y.to(device)
-        correct += (model(x).argmax(1) == y).sum().item()
+        logits = model(x) if spec is None else model(x, spec)
+        correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
     return correct / seen
 
@@ -228,6 +227,5 @@ def accuracy(model: nn.Module, data: DataSplit, *, batch_size: int = 512, device
 def score_subnet(supernet: Supernet, spec: NetworkSpec, data: DataSplit, calibration: list[torch.Tensor], *,
                  device: torch.device | str = "cpu", max_images: int | None = None) -> float:
     """Proxy accuracy of ``spec`` through the shared weights, with its BN statistics recalibrated first."""
-    supernet.activate(spec)
-    recalibrate_bn(supernet, calibration)
-    return accuracy(supernet, data, device=device, max_images=max_images)
+    recalibrate_bn(supernet, calibration, spec)
+    return accuracy(supernet, data, device=device, max_images=max_images, spec=spec)

@@ -19,10 +19,10 @@ from plotly.subplots import make_subplots
 from nas._schema import write_atomic, write_json_atomic
 from nas.data import load_dataset
 from nas.report import build_report
-from nas.search import feasible, study_config, trial_spec
 from nas.space import load_space
-from nas.spec import NetworkSpec, spec_from_dict
+from nas.spec import NetworkSpec
 from nas.standalone import checkpoint_for, rank_agreement, train_network
+from nas.study import feasible, trial_spec
 from nas.train import TrainSettings
 
 
@@ -101,21 +101,21 @@ def select_networks(study: optuna.Study, ranks: dict[int, int], top: int
 
 def verify(study: optuna.Study, *, top: int, settings: TrainSettings, device: str = "cpu",
            out_dir: str | os.PathLike[str], progress: bool = True) -> Verification:
-    config = study_config(study)
     report = build_report(study, measure_latency=False)  # only its ranks: verify measures what it trains
-    ref = study.user_attrs.get("reference")
-    resolution = load_space(config["space"]).input.resolution
-    data = load_dataset(config["dataset"], resolution, seed=config["seed"], data_dir=config["data_dir"])
+    record, ref = report.record, report.reference
     networks = select_networks(study, {e.trial: e.rank for e in report.pareto}, top)
     if ref is not None:
-        networks.append(("reference", spec_from_dict(ref["spec"]), ref["accuracy"], ref["predicted_latency_ms"]))
+        networks.append(("reference", ref.spec, ref.accuracy, ref.predicted_latency_ms))
+    # The study's specs carry the data set's class count already (nas.data.load_for at search time).
+    c = record.config
+    data = load_dataset(c.dataset, load_space(c.space).input.resolution, seed=c.seed, data_dir=c.data_dir)
     rows = []
     for name, spec, proxy, predicted in networks:
         trained = train_network(spec, data, settings, device=device, progress=progress,
                                 checkpoint=checkpoint_for(spec, data, settings, None, Path(out_dir) / "checkpoints"))
         rows.append(VerifyRow(name, proxy, trained.val_accuracy, predicted, trained.latency.median_ms))
     tau, rho = rank_agreement([r.proxy_accuracy for r in rows], [r.standalone_accuracy for r in rows])
-    return Verification(study.study_name, config["dataset"], dataclasses.asdict(settings), tuple(rows), tau, rho)
+    return Verification(study.study_name, c.dataset, dataclasses.asdict(settings), tuple(rows), tau, rho)
 
 
 def verify_figure(v: Verification) -> go.Figure:

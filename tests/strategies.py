@@ -2,20 +2,21 @@
 
 from hypothesis import strategies as st
 
+from nas.registry import ACTIVATIONS, BLOCK_KERNELS, STEM_KERNELS
 from nas.spec import BatchNormSpec, BlockSpec, ClassifierSpec, InputSpec, LastConvSpec, NetworkSpec, StemSpec
 
-activations = st.sampled_from(["relu", "hswish"])
+activations = st.sampled_from(list(ACTIVATIONS))
 channels = st.integers(1, 24)
 
 
 @st.composite
 def network_specs(draw: st.DrawFn, max_blocks: int = 4) -> NetworkSpec:
-    stem = StemSpec(draw(channels), draw(st.sampled_from([1, 3, 5, 7])), draw(st.sampled_from([1, 2])),
+    stem = StemSpec(draw(channels), draw(st.sampled_from(STEM_KERNELS)), draw(st.sampled_from([1, 2])),
                     draw(activations))
     blocks = []
     cin = stem.out_channels
     for _ in range(draw(st.integers(1, max_blocks))):
-        b = BlockSpec(cin, draw(st.sampled_from([3, 5, 7])), draw(channels), draw(channels), draw(st.booleans()),
+        b = BlockSpec(cin, draw(st.sampled_from(BLOCK_KERNELS)), draw(channels), draw(channels), draw(st.booleans()),
                       draw(activations), draw(st.sampled_from([1, 2])), draw(st.sampled_from([1, 1, 2])))
         blocks.append(b)
         cin = b.out_channels
@@ -29,7 +30,9 @@ def network_specs(draw: st.DrawFn, max_blocks: int = 4) -> NetworkSpec:
         stem=stem,
         blocks=tuple(blocks),
         last_conv=LastConvSpec(draw(channels), draw(activations)),
-        classifier=ClassifierSpec(draw(channels), draw(activations), draw(st.floats(0.0, 0.9))),
+        classifier=draw(st.one_of(  # MobileNetV3's two-layer head or MobileNetV2's single linear
+            st.builds(ClassifierSpec, channels, activations, st.floats(0.0, 0.9)),
+            st.builds(ClassifierSpec, st.none(), st.none(), st.floats(0.0, 0.9)))),
         batch_norm=BatchNormSpec(draw(st.floats(1e-6, 0.1)), draw(st.floats(0.001, 1.0))),
         metadata=metadata,
     )

@@ -14,7 +14,7 @@ import pytest
 
 import nas
 from nas.report import hypervolume
-from nas.search import open_storage
+from nas.study import CONSTRAINT, StudyRecord, open_storage
 
 # Small and fast: a 1-epoch supernet (cached in one results folder for the whole module) and few trials.
 FAST = ["--supernet-epochs", "1", "--device", "cpu"]
@@ -88,11 +88,13 @@ def test_search_writes_specs_csv_and_plots(work: Path) -> None:
 def test_trials_carry_spec_latency_and_optuna_constraints(work: Path) -> None:
     study = optuna.load_study(study_name="mobilenetv3_compact-digits",
                               storage=f"sqlite:///{work / 'results/mobilenetv3_compact-digits/study.db'}")
-    limit = study.user_attrs["config"]["latency_limit_ms"]
-    assert limit == pytest.approx(study.user_attrs["reference"]["predicted_latency_ms"])
+    record = StudyRecord.load(study)
+    limit = record.latency_limit_ms
+    assert record.reference is not None and limit == pytest.approx(record.reference.predicted_latency_ms)
+    assert record.config.budget == 12 and record.space_name == "mobilenetv3_compact" and record.num_classes == 10
     for t in study.trials:
         assert "stage1.block1.kernel" in t.params and "spec" in t.user_attrs
-        assert t.constraints["latency_ms"] == pytest.approx(t.values[1] - limit)
+        assert t.constraints == {CONSTRAINT: pytest.approx(t.values[1] - limit)}
         assert nas.spec.spec_from_dict(t.user_attrs["spec"]).blocks[0].kernel == t.params["stage1.block1.kernel"]
     feasible_numbers = {t.number for t in study.trials if t.values[1] <= limit}
     assert {t.number for t in study.best_trials} <= feasible_numbers  # Optuna itself excludes infeasible ones

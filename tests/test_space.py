@@ -8,7 +8,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import nas
+from nas.registry import ACTIVATIONS
 from nas.space import builtin_space_names, load_space
+
+ACTS = ", ".join(map(repr, ACTIVATIONS))  # the registry's names, as errors list them
 
 SPACES = ["mobilenetv3_compact", "mobilenetv3_large", "mobilenetv3_small"]
 
@@ -98,7 +101,7 @@ BASE: dict[str, Any] = yaml.safe_load(
     (lambda d: d["stages"][2].update(depth=[0, 1]), "stages[2].depth[0]: 0 must be positive"),
     (lambda d: d["stages"][2].update(width=[32, 32]), "stages[2].width: lists a choice twice: [32, 32]"),
     (lambda d: d["stages"][2].update(activation=["HS"]),
-     "stages[2].activation[0]: 'HS' is not one of 'relu', 'hswish'"),
+     f"stages[2].activation[0]: 'HS' is not one of {ACTS}"),
     (lambda d: d["stages"][2].update(se=["yes"]), "stages[2].se[0]: expected true or false, got a string"),
     (lambda d: d["stages"][2].update(stride=3), "stages[2].stride: 3 is not one of 1, 2"),
     (lambda d: d["stages"][3].update(expanded_channels=[64]),

@@ -9,8 +9,11 @@ import yaml
 from hypothesis import given, settings
 
 import nas
+from nas.registry import ACTIVATIONS
 from nas.spec import spec_to_dict
 from tests.strategies import network_specs
+
+ACTS = ", ".join(map(repr, ACTIVATIONS))  # the registry's names, as errors list them
 
 
 @settings(max_examples=40)
@@ -27,7 +30,7 @@ def test_random_specs_round_trip_and_build(spec: nas.NetworkSpec, tmp_path_facto
         assert model(x).shape == (2, spec.num_classes)
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v3_large", "mobilenet_v3_small"])
+@pytest.mark.parametrize("name", ["mobilenet_v3_large", "mobilenet_v3_small", "mobilenet_v2"])
 def test_builtin_specs_survive_a_round_trip(name: str, tmp_path: Path) -> None:
     spec = nas.load_spec(name)
     nas.save_spec(spec, tmp_path / "s.yaml")
@@ -35,24 +38,40 @@ def test_builtin_specs_survive_a_round_trip(name: str, tmp_path: Path) -> None:
     assert hash(nas.load_spec(tmp_path / "s.yaml")) == hash(spec)
 
 
-@pytest.mark.parametrize(("name", "params"), [("mobilenet_v3_large", 5_483_032), ("mobilenet_v3_small", 2_542_856)])
+def _macs(model: torch.nn.Module, resolution: int) -> int:
+    from torch.utils.flop_counter import FlopCounterMode
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(torch.randn(1, 3, resolution, resolution))
+    return counter.get_total_flops() // 2
+
+
+@pytest.mark.parametrize(("name", "params"), [("mobilenet_v3_large", 5_483_032), ("mobilenet_v3_small", 2_542_856),
+                                              ("mobilenet_v2", 3_504_872)])
 def test_builtin_specs_regenerate_torchvision_exactly(name: str, params: int) -> None:
     ours = nas.build_model(nas.load_spec(name)).eval()
     theirs = getattr(torchvision.models, name)().eval()
-    assert [(k, v.shape) for k, v in ours.state_dict().items()] == [
-        (k, v.shape) for k, v in theirs.state_dict().items()]
+    mapped = nas.from_torchvision(theirs.state_dict())
+    assert [(k, v.shape) for k, v in ours.state_dict().items()] == [(k, v.shape) for k, v in mapped.items()]
     assert sum(p.numel() for p in ours.parameters()) == params
-    ours.load_state_dict(theirs.state_dict(), strict=True)
+    assert _macs(ours, 224) == _macs(theirs, 224)
     # Trained-looking BN statistics, so a mismatch in eps or BN placement would show in the outputs.
     with torch.no_grad():
         for m in theirs.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
                 m.running_mean.uniform_(-0.5, 0.5)
                 m.running_var.uniform_(0.5, 2.0)
-    ours.load_state_dict(theirs.state_dict(), strict=True)
+    ours.load_state_dict(nas.from_torchvision(theirs.state_dict()), strict=True)
     x = torch.randn(2, 3, 224, 224)
     with torch.no_grad():
         assert (ours(x) - theirs(x)).abs().max().item() <= 1e-5
+
+
+def test_mobilenet_v2_is_relu6_without_se_and_v3_keys_need_no_mapping() -> None:
+    spec = nas.load_spec("mobilenet_v2")
+    assert {b.activation for b in spec.blocks} == {"relu6"} and not any(b.se for b in spec.blocks)
+    assert spec.last_conv.out_channels == 1280 and spec.classifier.hidden is None
+    v3 = torchvision.models.mobilenet_v3_small().state_dict()
+    assert list(nas.from_torchvision(v3)) == list(v3)
 
 
 def test_spec_expresses_what_torchvision_cannot() -> None:
@@ -127,12 +146,14 @@ BAD_FIELDS = [
     ("blocks[1].kernel", 9, "blocks[1].kernel: 9 is not one of 3, 5, 7"),
     ("blocks[1].kernel", "5", "blocks[1].kernel: '5' is not one of 3, 5, 7"),
     ("blocks[1].kernel", True, "blocks[1].kernel: True is not one of 3, 5, 7"),
+    ("blocks[1].kernel", 5.0, "blocks[1].kernel: 5.0 is not one of 3, 5, 7"),
+    ("blocks[2].stride", 1.0, "blocks[2].stride: 1.0 is not one of 1, 2"),
     ("blocks[2].stride", 3, "blocks[2].stride: 3 is not one of 1, 2"),
     ("blocks[2].stride", 0, "blocks[2].stride: 0 is not one of 1, 2"),
-    ("blocks[0].activation", "HS", "blocks[0].activation: 'HS' is not one of 'relu', 'hswish'"),
-    ("blocks[0].activation", "RE", "blocks[0].activation: 'RE' is not one of 'relu', 'hswish'"),
-    ("blocks[0].activation", "swish", "blocks[0].activation: 'swish' is not one of 'relu', 'hswish'"),
-    ("blocks[0].activation", None, "blocks[0].activation: None is not one of 'relu', 'hswish'"),
+    ("blocks[0].activation", "HS", f"blocks[0].activation: 'HS' is not one of {ACTS}"),
+    ("blocks[0].activation", "RE", f"blocks[0].activation: 'RE' is not one of {ACTS}"),
+    ("blocks[0].activation", "swish", f"blocks[0].activation: 'swish' is not one of {ACTS}"),
+    ("blocks[0].activation", None, f"blocks[0].activation: None is not one of {ACTS}"),
     ("blocks[1].out_channels", 0, "blocks[1].out_channels: 0 must be positive"),
     ("blocks[1].expanded_channels", 0, "blocks[1].expanded_channels: 0 must be positive"),
     ("blocks[1].expanded_channels", -8, "blocks[1].expanded_channels: -8 must be positive"),
@@ -155,7 +176,7 @@ BAD_FIELDS = [
     ("blocks", DELETE, "blocks: missing"),
     ("stem.kernel", 4, "stem.kernel: 4 is not one of 1, 3, 5, 7"),
     ("stem.stride", 4, "stem.stride: 4 is not one of 1, 2"),
-    ("stem.activation", "HS", "stem.activation: 'HS' is not one of 'relu', 'hswish'"),
+    ("stem.activation", "HS", f"stem.activation: 'HS' is not one of {ACTS}"),
     ("stem.out_channels", 0, "stem.out_channels: 0 must be positive"),
     ("stem.out_channels", DELETE, "stem.out_channels: missing"),
     ("stem.padding", 1, "stem.padding: unknown key"),
@@ -167,13 +188,15 @@ BAD_FIELDS = [
     ("num_classes", 0, "num_classes: 0 must be positive"),
     ("num_classes", 10.5, "num_classes: expected an integer, got a number"),
     ("last_conv.out_channels", 0, "last_conv.out_channels: 0 must be positive"),
-    ("last_conv.activation", "hardswish", "last_conv.activation: 'hardswish' is not one of 'relu', 'hswish'"),
+    ("last_conv.activation", "hardswish", f"last_conv.activation: 'hardswish' is not one of {ACTS}"),
     ("last_conv.groups", 2, "last_conv.groups: unknown key"),
     ("classifier.dropout", 1.0, "classifier.dropout: 1.0 is not in [0, 1)"),
     ("classifier.dropout", -0.1, "classifier.dropout: -0.1 is not in [0, 1)"),
     ("classifier.dropout", "0.2", "classifier.dropout: expected a number, got a string"),
     ("classifier.hidden", 0, "classifier.hidden: 0 must be positive"),
-    ("classifier.activation", "gelu", "classifier.activation: 'gelu' is not one of 'relu', 'hswish'"),
+    ("classifier.hidden", None, "classifier.activation: must be null exactly when hidden is null"),
+    ("classifier.activation", None, "classifier.activation: must be null exactly when hidden is null"),
+    ("classifier.activation", "gelu", f"classifier.activation: 'gelu' is not one of {ACTS}"),
     ("batch_norm.eps", 0, "batch_norm.eps: 0.0 must be positive"),
     ("batch_norm.momentum", 1.5, "batch_norm.momentum: 1.5 is not in (0, 1]"),
     ("batch_norm.affine", False, "batch_norm.affine: unknown key"),
@@ -228,7 +251,7 @@ def test_bad_file_gets_one_line(text: str, expected: str, tmp_path: Path) -> Non
 def test_missing_oversized_binary_and_directory_files(tmp_path: Path) -> None:
     with pytest.raises(nas.SpecError, match="no such file"):
         nas.load_spec(tmp_path / "absent.yaml")
-    with pytest.raises(nas.SpecError, match=r"not a file nor a built-in spec \(built-ins: mobilenet_v3_compact"):
+    with pytest.raises(nas.SpecError, match=r"not a file nor a built-in spec \(built-ins: mobilenet_v2, mobilenet_v3"):
         nas.load_spec("mobilenet_v4")
     big = tmp_path / "big.yaml"
     big.write_text("# " + "x" * (1 << 20))

@@ -1,3 +1,4 @@
+import dataclasses
 import random
 from pathlib import Path
 
@@ -23,8 +24,11 @@ def _randomise(model: nn.Module) -> None:
                 m.weight.normal_(0, 2 / m.in_features ** 0.5)
 
 
+V2_SPACE = Path(__file__).parent / "v2_space.yaml"
+
+
 @pytest.mark.parametrize(("name", "n"), [("mobilenetv3_compact", 8), ("mobilenetv3_small", 2),
-                                         ("mobilenetv3_large", 2)])
+                                         ("mobilenetv3_large", 2), (str(V2_SPACE), 8)])
 def test_extracted_subnets_match_the_active_supernet(name: str, n: int) -> None:
     space = load_space(name)
     supernet = Supernet(space)
@@ -37,9 +41,8 @@ def test_extracted_subnets_match_the_active_supernet(name: str, n: int) -> None:
     if space.reference_spec() is not None:
         specs.append(space.reference_spec())
     for spec in specs:
-        supernet.activate(spec)
-        recalibrate_bn(supernet, calib)
-        net = supernet.extract().eval()
+        recalibrate_bn(supernet, calib, spec)
+        net = supernet.extract(spec).eval()
         supernet.eval()
         assert isinstance(net, nas.model.Network) and net.spec == spec
         # The extracted network is nas.build_model(spec) with weights: same keys and shapes.
@@ -48,15 +51,30 @@ def test_extracted_subnets_match_the_active_supernet(name: str, n: int) -> None:
             (k, v.shape) for k, v in fresh.state_dict().items()]
         x = torch.randn(2, 3, res, res)
         with torch.no_grad():
-            out, ref = supernet(x), net(x)
+            out, ref = supernet(x, spec), net(x)
         assert out.abs().max() > 0.2  # outputs of order one, not ~0.01
         assert (out - ref).abs().max().item() <= 1e-5
+
+
+def test_relu6_is_searchable_and_runs_as_relu6() -> None:
+    space = load_space(V2_SPACE)
+    rng = random.Random(0)
+    specs = [space.sample(rng) for _ in range(30)]
+    assert {"relu", "relu6", "hswish"} <= {b.activation for s in specs for b in s.blocks}
+    # The cost order of the registry: the smallest member takes relu over relu6, the largest hswish.
+    assert space.smallest().blocks[1].activation == "relu" and space.largest().blocks[-1].activation == "hswish"
+    block = nas.model.InvertedResidual(space.largest().blocks[1], space.batch_norm)
+    x = torch.randn(1, block.spec.in_channels, 8, 8) * 50
+    as_relu6 = dataclasses.replace(block.spec, activation="relu6")
+    with torch.no_grad():
+        block.part("expand")[1].bias.fill_(10.0)  # pre-activations far above 6: relu6 clips them, relu does not
+        assert not torch.equal(block(x, as_relu6), block(x, dataclasses.replace(block.spec, activation="relu")))
 
 
 def test_supernet_rejects_a_non_member() -> None:
     supernet = Supernet(load_space("mobilenetv3_compact"))
     with pytest.raises(nas.SpecError, match=r"^input: "):
-        supernet.activate(nas.load_spec("mobilenet_v3_small"))
+        supernet(torch.randn(1, 3, 224, 224), nas.load_spec("mobilenet_v3_small"))
 
 
 def test_subnets_share_weights() -> None:

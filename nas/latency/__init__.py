@@ -7,6 +7,7 @@ the two on random architectures.
 
 from nas.latency._measure import (
     Measurement,
+    check_device,
     measure,
     measure_module,
     num_threads,
@@ -30,7 +31,25 @@ from nas.latency._predictor import (
 from nas.latency._validate import Validation, validate
 
 __all__ = [
-    "Fingerprint", "Layer", "Measurement", "Predictor", "Validation", "layers_of", "load_predictor", "load_table",
-    "measure", "measure_module", "num_threads", "profile", "resolve_device", "space_layers", "steady_allocator",
-    "table_path", "time_call", "time_interleaved", "time_networks", "validate",
+    "Fingerprint",
+    "Layer",
+    "Measurement",
+    "Predictor",
+    "Validation",
+    "check_device",
+    "layers_of",
+    "load_predictor",
+    "load_table",
+    "measure",
+    "measure_module",
+    "num_threads",
+    "profile",
+    "resolve_device",
+    "space_layers",
+    "steady_allocator",
+    "table_path",
+    "time_call",
+    "time_interleaved",
+    "time_networks",
+    "validate",
 ]

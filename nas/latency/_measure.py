@@ -39,18 +39,27 @@ class Measurement:
         return (self.q3_ms - self.q1_ms) / self.median_ms
 
 
-def resolve_device(device: str) -> torch.device:
+def check_device(device: str, field: str = "device") -> None:
+    """A SpecError at ``field`` unless ``device`` is ``cpu``, ``cuda``, ``cuda:N`` or ``auto`` (its syntax only:
+    whether this machine has it is :func:`resolve_device`'s to say)."""
+    if device == "auto":
+        return
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        kind = None
+    if kind not in ("cpu", "cuda"):
+        raise SpecError(field, f"{device!r} is not one of 'cpu', 'cuda', 'cuda:N', 'auto'")
+
+
+def resolve_device(device: str, field: str = "device") -> torch.device:
     """``cpu``, ``cuda``, ``cuda:N`` or ``auto``; a CUDA request without CUDA is an error, not a fallback."""
+    check_device(device, field)
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise SpecError("--device", f"{device!r} is not one of 'cpu', 'cuda', 'cuda:N', 'auto'") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise SpecError("--device", f"{device!r} is not one of 'cpu', 'cuda', 'cuda:N', 'auto'")
+    dev = torch.device(device)
     if dev.type == "cuda" and not torch.cuda.is_available():
-        raise SpecError("--device", f"{device!r} requested but torch sees no CUDA device")
+        raise SpecError(field, f"{device!r} requested but torch sees no CUDA device")
     return dev
 
 
@@ -60,7 +69,7 @@ def num_threads(threads: int | None) -> Iterator[int]:
     before = torch.get_num_threads()
     if threads is not None:
         if threads < 1:
-            raise SpecError("--threads", f"{threads} must be positive")
+            raise SpecError("threads", f"{threads} must be positive")
         torch.set_num_threads(threads)
     try:
         yield torch.get_num_threads()

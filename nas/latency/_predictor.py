@@ -9,12 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import hashlib
+import itertools
 import json
 import os
 import platform
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -24,15 +24,23 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from nas._schema import SpecError, to_data, write_json_atomic
+from nas._schema import SpecError, digest, results_root, to_data, write_json_atomic
 from nas.latency._measure import median_of_rounds, num_threads, resolve_device, time_interleaved, time_networks
-from nas.model import InvertedResidual, make_classifier, make_last_conv, make_stem
+from nas.model import make_part
 from nas.space import SearchSpace
-from nas.spec import BatchNormSpec, BlockSpec, ClassifierSpec, LastConvSpec, NetworkSpec, StemSpec
+from nas.spec import (
+    BatchNormSpec,
+    BlockSpec,
+    ClassifierSpec,
+    LastConvSpec,
+    NetworkSpec,
+    Op,
+    StemSpec,
+    conv_out,
+    network_parts,
+)
 
 TABLE_VERSION = 2  # 2: interleaved rounds and a fixed malloc (tables of 1 are rebuilt, not read)
-DEFAULT_DIR = Path("results/latency")
-Op = StemSpec | BlockSpec | LastConvSpec | ClassifierSpec
 _OPS: dict[str, type[Any]] = {t.__name__: t for t in (StemSpec, BlockSpec, LastConvSpec, ClassifierSpec)}
 
 
@@ -47,15 +55,10 @@ class Layer:
 
     def module(self, spec_bn: BatchNormSpec) -> nn.Module:
         """The module ``nas.build_model`` makes for this layer (the head includes the global pooling)."""
-        op = self.op
-        if isinstance(op, StemSpec):
-            return make_stem(self.in_channels, op, spec_bn)
-        if isinstance(op, BlockSpec):
-            return InvertedResidual(op, spec_bn)
-        if isinstance(op, LastConvSpec):
-            return make_last_conv(self.in_channels, op, spec_bn)
-        return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), make_classifier(self.in_channels, op,
-                                                                                      self.num_classes))
+        module = make_part(self.op, self.in_channels, spec_bn, self.num_classes)
+        if isinstance(self.op, ClassifierSpec):
+            return nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(1), module)
+        return module
 
     def to_json(self) -> dict[str, Any]:
         return {"op": type(self.op).__name__, "fields": to_data(self.op), "size": self.size,
@@ -66,24 +69,10 @@ class Layer:
         return cls(_OPS[data["op"]](**data["fields"]), data["size"], data["in_channels"], data["num_classes"])
 
 
-def conv_out(size: int, kernel: int, stride: int, dilation: int = 1) -> int:
-    """Output side of a 'same'-padded conv (torchvision's Conv2dNormActivation padding), from the
-    description alone, so predict() never builds or runs a module."""
-    pad = (kernel - 1) // 2 * dilation
-    return (size + 2 * pad - dilation * (kernel - 1) - 1) // stride + 1
-
-
 def layers_of(spec: NetworkSpec) -> list[Layer]:
     """The layers of ``nas.build_model(spec)`` in order, as table keys."""
-    size = spec.input.resolution
-    layers = [Layer(spec.stem, size, spec.input.channels)]
-    size = conv_out(size, spec.stem.kernel, spec.stem.stride)
-    for b in spec.blocks:
-        layers.append(Layer(b, size, b.in_channels))
-        size = conv_out(size, b.kernel, b.depthwise_stride, b.dilation)
-    layers.append(Layer(spec.last_conv, size, spec.blocks[-1].out_channels))
-    layers.append(Layer(spec.classifier, size, spec.last_conv.out_channels, spec.num_classes))
-    return layers
+    return [Layer(p.op, p.size, p.in_channels, spec.num_classes if isinstance(p.op, ClassifierSpec) else 0)
+            for p in network_parts(spec)]
 
 
 def space_layers(space: SearchSpace) -> list[Layer]:
@@ -96,23 +85,18 @@ def space_layers(space: SearchSpace) -> list[Layer]:
     for stage in space.stages:
         for b in range(max(stage.depth)):
             stride = stage.stride if b == 0 else 1
-            for cin in in_widths if b == 0 else stage.width:
-                for width in stage.width if b == 0 else (cin,):
-                    for k in stage.kernel:
-                        for option in stage.expansion:
-                            for se in stage.se:
-                                for act in stage.activation:
-                                    block = BlockSpec(cin, k, stage.hidden(cin, option), width, se, act, stride)
-                                    found[Layer(block, size, cin)] = None
+            # (input, output) widths: the first block changes width, the others keep the stage's
+            widths = list(itertools.product(in_widths, stage.width)) if b == 0 else [(w, w) for w in stage.width]
+            for (cin, width), k, option, se, act in itertools.product(widths, stage.kernel, stage.expansion,
+                                                                      stage.se, stage.activation):
+                found[Layer(BlockSpec(cin, k, stage.hidden(cin, option), width, se, act, stride), size, cin)] = None
             size = conv_out(size, max(stage.kernel), stride)  # the side does not depend on the kernel
         in_widths = list(stage.width)
-    for cin in in_widths:
-        for out in space.last_conv.out_channels:
-            found[Layer(LastConvSpec(out, space.last_conv.activation), size, cin)] = None
-    for width in space.last_conv.out_channels:
-        for hidden in space.classifier.hidden:
-            op = ClassifierSpec(hidden, space.classifier.activation, space.classifier.dropout)
-            found[Layer(op, size, width, space.num_classes)] = None
+    for cin, out in itertools.product(in_widths, space.last_conv.out_channels):
+        found[Layer(LastConvSpec(out, space.last_conv.activation), size, cin)] = None
+    for width, hidden in itertools.product(space.last_conv.out_channels, space.classifier.options()):
+        op = ClassifierSpec(hidden, space.classifier.activation, space.classifier.dropout)
+        found[Layer(op, size, width, space.num_classes)] = None
     return list(found)
 
 
@@ -131,9 +115,9 @@ class Fingerprint:
         dev = resolve_device(device)
         processor = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
         if threads is not None and threads < 1:
-            raise SpecError("--threads", f"{threads} must be positive")
+            raise SpecError("threads", f"{threads} must be positive")
         if batch_size < 1:
-            raise SpecError("--batch", f"{batch_size} must be positive")
+            raise SpecError("batch_size", f"{batch_size} must be positive")
         return cls(dev.type, processor, threads or torch.get_num_threads(), batch_size, torch.__version__)
 
     def describe(self) -> str:
@@ -152,29 +136,27 @@ def _cpu_name() -> str:
 
 
 def space_digest(space: SearchSpace) -> str:
-    data = to_data(space)
-    data.pop("reference", None)  # the reference member does not change which layers exist
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()[:12]
+    # The reference member does not change which layers exist.
+    return digest(dataclasses.replace(space, reference=None), length=12)
 
 
-def table_path(space: SearchSpace, fp: Fingerprint, root: str | os.PathLike[str] = DEFAULT_DIR) -> Path:
-    key = hashlib.sha256(json.dumps([dataclasses.asdict(fp), space_digest(space), TABLE_VERSION]).encode()
-                         ).hexdigest()[:10]
-    return Path(root) / f"{space.name}-{fp.device}-{key}.json"
+def table_path(space: SearchSpace, fp: Fingerprint, root: str | os.PathLike[str] | None = None) -> Path:
+    """Where the table of ``space`` on device ``fp`` lives (default root: ``<results>/latency``)."""
+    root = results_root() / "latency" if root is None else Path(root)
+    return root / f"{space.name}-{fp.device}-{digest(fp, space_digest(space), TABLE_VERSION)}.json"
 
 
+@dataclass(frozen=True)
 class Predictor:
-    """Predicts a member's latency in milliseconds from the table; ``device``, ``threads``, ``batch_size``
-    say what it was measured under."""
+    """Predicts a member's latency in milliseconds from the table; ``fingerprint`` says what it was measured
+    under, ``path`` where it is stored (None until saved)."""
 
-    def __init__(self, space: SearchSpace, fingerprint: Fingerprint, table: dict[Layer, float], scale: float,
-                 offset: float, path: Path | None = None):
-        self.space = space
-        self.fingerprint = fingerprint
-        self.table = table
-        self.scale = scale
-        self.offset = offset
-        self.path = path
+    space: SearchSpace
+    fingerprint: Fingerprint
+    table: Mapping[Layer, float]
+    scale: float
+    offset: float
+    path: Path | None = None
 
     device = property(lambda self: self.fingerprint.device)
     threads = property(lambda self: self.fingerprint.threads)
@@ -194,12 +176,13 @@ class Predictor:
         """Predicted latency of ``nas.build_model(spec)`` in milliseconds."""
         return self.scale * self.layer_sum(spec) + self.offset
 
-    def save(self, path: Path) -> None:
+    def save(self, path: Path) -> Predictor:
+        """Write the table to ``path``; returns the predictor with its ``path``."""
         data = {"version": TABLE_VERSION, "space": self.space.name, "space_digest": space_digest(self.space),
                 "fingerprint": dataclasses.asdict(self.fingerprint), "scale": self.scale, "offset": self.offset,
                 "layers": [{**layer.to_json(), "ms": ms} for layer, ms in self.table.items()]}
         write_json_atomic(data, path, indent=1)
-        self.path = path
+        return dataclasses.replace(self, path=path)
 
 
 def _layer_input(layer: Layer, batch: int, device: torch.device) -> torch.Tensor:
@@ -231,15 +214,13 @@ def profile(space: SearchSpace, *, device: str = "cpu", threads: int | None = No
         table = {layer: median_of_rounds(t) for layer, t in zip(layers, times, strict=True)}
         measured = np.array([median_of_rounds(t) for t in time_networks(specs, device=device, threads=threads,
                                                                   batch_size=batch_size, progress=bar, **kw)])
-    predictor = Predictor(space, fp, table, 1.0, 0.0)
-    sums = np.array([predictor.layer_sum(spec) for spec in specs])
+    sums = np.array([Predictor(space, fp, table, 1.0, 0.0).layer_sum(spec) for spec in specs])
     # Least squares on relative error (weights 1/measured), since the goal is a percentage error. One scale per
     # feature-map size was tried too: within noise of this on both built-in spaces, with more to overfit.
     w = 1.0 / measured
     a = np.stack([sums, np.ones(len(sums))], axis=1) * w[:, None]
     scale, offset = np.linalg.lstsq(a, measured * w, rcond=None)[0]
-    predictor.scale, predictor.offset = float(scale), float(offset)
-    return predictor
+    return Predictor(space, fp, table, float(scale), float(offset))
 
 
 def load_table(path: Path, space: SearchSpace, expected: Fingerprint | None, *, force: bool = False) -> Predictor:
@@ -267,7 +248,7 @@ def load_table(path: Path, space: SearchSpace, expected: Fingerprint | None, *, 
 
 
 def load_predictor(space: SearchSpace, *, device: str = "cpu", threads: int | None = None, batch_size: int = 1,
-                   table: str | os.PathLike[str] | None = None, root: str | os.PathLike[str] = DEFAULT_DIR,
+                   table: str | os.PathLike[str] | None = None, root: str | os.PathLike[str] | None = None,
                    force: bool = False, rebuild: bool = False, progress: bool = True) -> Predictor:
     """The predictor for ``space`` on this device, building its table on first use (or when ``rebuild``).
 
@@ -280,6 +261,4 @@ def load_predictor(space: SearchSpace, *, device: str = "cpu", threads: int | No
     path = table_path(space, fp, root)
     if path.exists() and not rebuild:
         return load_table(path, space, fp, force=force)
-    predictor = profile(space, device=device, threads=threads, batch_size=batch_size, progress=progress)
-    predictor.save(path)
-    return predictor
+    return profile(space, device=device, threads=threads, batch_size=batch_size, progress=progress).save(path)

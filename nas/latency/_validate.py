@@ -6,14 +6,15 @@ import dataclasses
 import random
 import statistics
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from scipy.stats import kendalltau
 from tqdm import tqdm
 
-from nas._schema import SpecError
+from nas._schema import SpecError, write_json_atomic
 from nas.latency._measure import median_of_rounds, time_networks
-from nas.latency._predictor import Predictor
+from nas.latency._predictor import Predictor, table_path
 from nas.space import SearchSpace
 from nas.spec import NetworkSpec
 
@@ -34,6 +35,13 @@ class Validation:
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
+
+    def save(self, predictor: Predictor) -> Path:
+        """Write the report as JSON beside the predictor's table; returns the path."""
+        table = predictor.path or table_path(predictor.space, predictor.fingerprint)
+        out = table.with_name(f"validate-{table.stem}-n{self.n}.json")
+        write_json_atomic(self.to_json(), out)
+        return out
 
     def format(self) -> str:
         lines = [
@@ -58,7 +66,7 @@ def validate(predictor: Predictor, space: SearchSpace, *, n: int = 100, seed: in
     in ``rounds`` interleaved sweeps. The prediction is compared with the median over all rounds; the noise
     floor compares the first half of the rounds with the second, two independent measurements."""
     if rounds < 2:
-        raise SpecError("--rounds", f"{rounds}: the noise floor needs at least 2")
+        raise SpecError("rounds", f"{rounds}: the noise floor needs at least 2")
     rng = random.Random(seed)
     specs: list[NetworkSpec] = [space.sample(rng) for _ in range(n)]
     fp = predictor.fingerprint

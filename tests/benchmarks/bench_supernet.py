@@ -53,14 +53,13 @@ def forward() -> None:
         specs = {"largest": space.largest(), "smallest": space.smallest(), "reference": space.reference_spec()}
         specs |= {f"random{i}": space.sample(rng) for i in range(3)}
         for label, spec in specs.items():
-            supernet.activate(spec)
-            recalibrate_bn(supernet, [x])
-            net = supernet.extract().eval()
+            recalibrate_bn(supernet, [x], spec)
+            net = supernet.extract(spec).eval()
             supernet.eval()
             ratios = []
             with torch.inference_mode():
                 for _ in range(5):  # interleaved rounds, so both see the same machine noise
-                    a = statistics.median(time_call(partial(supernet, x), cpu, warmup=2, repeats=5))
+                    a = statistics.median(time_call(partial(supernet, x, spec), cpu, warmup=2, repeats=5))
                     b = statistics.median(time_call(partial(net, x), cpu, warmup=2, repeats=5))
                     ratios.append(a / b)
             rows.append({"space": space_name, "batch": batch, "subnet": label, "supernet_ms": a, "extracted_ms": b,
