@@ -1,4 +1,5 @@
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -65,16 +66,19 @@ def test_every_command_has_help(command: list[str]) -> None:
 
 
 def test_train_supernet_trains_then_reuses_its_checkpoint(tmp_path: Path) -> None:
-    args = ["train-supernet", "--epochs", "1", "--batch-size", "256", "--random-subnets", "0", "--device", "cpu",
-            "--out", str(tmp_path / "sn.pt")]
-    first = run(*args)
+    args = ["train-supernet", "--epochs", "1", "--batch-size", "256", "--random-subnets", "0", "--device", "cpu"]
+    first = run(*args, "--results", str(tmp_path / "r"))
     assert first.returncode == 0, first.stderr
     assert "largest  subnet: " in first.stdout and "smallest subnet: " in first.stdout
-    assert "trained in" in first.stdout and (tmp_path / "sn.pt").exists()
-    second = run(*args)
-    assert second.returncode == 0 and "reused finished checkpoint" in second.stdout
+    (checkpoint,) = (tmp_path / "r" / "supernets").glob("mobilenetv3_compact-digits-*.pt")  # under --results
+    assert "trained in" in first.stdout and str(checkpoint) in first.stdout
+    second = subprocess.run([sys.executable, "-m", "nas", *args], capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "NAS_RESULTS": str(tmp_path / "r")})  # the same root from the env
+    assert second.returncode == 0 and "reused finished checkpoint" in second.stdout, second.stderr
     bad = run("train-supernet", "--space", "nope.yaml", "--out", str(tmp_path / "x.pt"))
     assert bad.returncode == 2 and bad.stderr == "error: nope.yaml: no such file\n"
     (tmp_path / "broken.pt").write_bytes(b"garbage")
-    broken = run(*args[:-1], str(tmp_path / "broken.pt"))
+    broken = run(*args, "--out", str(tmp_path / "broken.pt"))
     assert broken.returncode == 2 and broken.stderr.startswith("error: ") and broken.stderr.count("\n") == 1
+    lr = run("train-supernet", "--lr", "0", "--out", str(tmp_path / "y.pt"))
+    assert lr.returncode == 2 and lr.stderr == "error: --lr: 0.0 must be positive\n"  # TrainSettings' field, as a flag

@@ -152,9 +152,25 @@ def test_bad_search_flags_are_one_line_errors(work: Path) -> None:
     for args, expected in ((["--sampler", "cmaes"], "error: nas search: argument --sampler: invalid choice"),
                            (["--storage", "mysql://x"], "error: --storage: 'mysql://x': only sqlite"),
                            (["--latency-ms", "-1"], "error: --latency-ms: -1.0 must be positive"),
+                           # validated by the library (SearchConfig), named by the flag generated from the field
+                           (["--supernet-epochs", "0"], "error: --supernet-epochs: 0 must be positive"),
+                           (["--val-images", "0"], "error: --val-images: 0 must be positive"),
+                           (["--latency-device", "tpu"], "error: --latency-device: 'tpu' is not one of"),
                            (["--space", "nope.yaml"], "error: nope.yaml: no such file")):
         r = nas_cmd("search", *args, cwd=work)
         assert r.returncode == 2 and r.stderr.startswith(expected) and r.stderr.count("\n") == 1, r.stderr
+
+
+def test_library_errors_name_the_field_and_flags_come_from_the_fields() -> None:
+    import dataclasses
+
+    from nas.cli import make_parser
+    from nas.study import SearchConfig
+    with pytest.raises(nas.SpecError, match=r"^supernet_epochs: 0 must be positive$"):
+        SearchConfig(supernet_epochs=0)
+    args = make_parser().parse_args(["search"])
+    assert {f.name for f in dataclasses.fields(SearchConfig)} <= set(vars(args))
+    assert SearchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SearchConfig)}) == SearchConfig()
 
 
 def test_hypervolume_is_the_dominated_area() -> None:
