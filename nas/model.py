@@ -72,7 +72,9 @@ class ConvBN(Conv2dNormActivation):
     at fewer output channels, fewer input channels (those of ``x``) and a centred smaller kernel."""
 
     def forward(self, x: torch.Tensor, out: int | None = None, kernel: int | None = None) -> torch.Tensor:
-        conv, bn = typing.cast(nn.Conv2d, self[0]), typing.cast(nn.BatchNorm2d, self[1])
+        # Unpacked from _modules: Sequential's indexing walks its modules on every call, a cost a subnet pays
+        # per layer per call.
+        conv, bn, *act = typing.cast(tuple[nn.Conv2d, nn.BatchNorm2d, nn.Module], self._modules.values())
         out = out or conv.out_channels
         k = kernel or conv.kernel_size[0]
         depthwise = conv.groups > 1
@@ -82,7 +84,7 @@ class ConvBN(Conv2dNormActivation):
         dilation = conv.dilation[0]
         y = _batch_norm(bn, F.conv2d(x, weight, None, conv.stride, (k - 1) // 2 * dilation, dilation,
                                      out if depthwise else 1))
-        return typing.cast(torch.Tensor, self[2](y)) if len(self) > 2 else y
+        return typing.cast(torch.Tensor, act[0](y)) if act else y
 
 
 def conv_bn(cin: int, cout: int, kernel: int, bn: BatchNormSpec, activation_name: str | None = None, *,
@@ -123,10 +125,11 @@ class InvertedResidual(nn.Module):
         # Activations are applied by name in forward (nas.registry.activation), not held: in a supernet the
         # activation is a per-call choice. They hold no weights, so the state-dict keys are torchvision's.
         self.block = nn.Sequential(*(make[role]() for role in roles))
-        self._index = {role: i for i, role in enumerate(roles)}
+        # By role, for forward (a plain dict: the modules are registered once, under block).
+        self._parts: dict[BlockRole, nn.Module] = dict(zip(roles, self.block, strict=True))
 
     def part(self, role: BlockRole) -> nn.Module:
-        return self.block[self._index[role]]
+        return self._parts[role]
 
     def forward(self, x: torch.Tensor, spec: BlockSpec | None = None) -> torch.Tensor:
         b = spec or self.spec
@@ -197,7 +200,7 @@ def run_network(net: nn.Module, x: torch.Tensor, spec: NetworkSpec, slots: Itera
     """The forward pass of ``spec`` through the modules of ``net`` (a :class:`Network` or a supernet): the stem,
     the blocks at ``slots`` (indices into ``net.features``) each run as its block of ``spec``, the last conv, pooling
     and the classifier at ``spec``'s widths."""
-    features = typing.cast(nn.Sequential, net.features)
+    features = list(typing.cast(nn.Sequential, net.features))
     x = features[0](x)
     for slot, block in zip(slots, spec.blocks, strict=True):
         x = features[slot](x, block)
