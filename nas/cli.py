@@ -374,12 +374,12 @@ COMMANDS: dict[str, Command] = {
         "search architectures under a latency limit (the main job)",
         "Train (or reuse) the supernet, build (or reuse) this device's latency table, then run an Optuna "
         "study: accuracy up, predicted latency down, latency <= the limit as an Optuna constraint. Writes "
-        "ranked YAML specs, trials.csv, pareto.html and history.html under results/<study>/. Ctrl-C stops "
+        "ranked YAML specs, trials.csv, pareto.html and history.html under <results>/<study>/. Ctrl-C stops "
         "after the current trial; rerunning continues to the budget.",
         _add_search, _run_search),
     "report": Command(
         "regenerate a study's specs, CSV and plots from its storage",
-        "Rebuild results/<study>/ (specs/, trials.csv, pareto.html, history.html) and the summary from the "
+        "Rebuild <results>/<study>/ (specs/, trials.csv, pareto.html, history.html) and the summary from the "
         "study's storage alone.", _add_report, _run_report),
     "export": Command(
         "write a study's best specs to a folder",
@@ -389,13 +389,13 @@ COMMANDS: dict[str, Command] = {
         "train a spec stand-alone and measure it",
         "Train any spec from scratch (or fine-tune torchvision's MobileNetV3 with --init torchvision), resumable "
         "from per-epoch checkpoints; report validation accuracy and measured latency, and write a metrics JSON "
-        "beside the spec (results/train/ for built-in specs).", _add_train, _run_train),
+        "beside the spec (<results>/train/ for built-in specs).", _add_train, _run_train),
     "verify": Command(
         "retrain a study's best specs: does the supernet rank them truthfully?",
         "Retrain K distinct architectures spanning a study's feasible front (filled from the next non-dominated "
         "layers when the front is smaller) and the space's MobileNetV3 reference with one recipe, and "
         "report Kendall tau and Spearman rho between proxy (supernet) and stand-alone accuracy, a table, and "
-        "results/<study>/verify.html.", _add_verify, _run_verify),
+        "<results>/<study>/verify.html.", _add_verify, _run_verify),
     "build": Command(
         "build a network from a spec and summarise it",
         "Build the network a spec describes and print a per-layer table, its parameters, MACs and FLOPs at the "

@@ -17,7 +17,8 @@ def tiny_predictor(tmp_path_factory: pytest.TempPathFactory) -> Predictor:
     return load_predictor(load_space(TINY), root=root, progress=False)
 
 
-@pytest.mark.parametrize("name", ["mobilenetv3_compact", "mobilenetv3_small", "mobilenetv3_large"])
+@pytest.mark.parametrize("name", ["mobilenetv3_compact", "mobilenetv3_small", "mobilenetv3_large",
+                                  str(Path(__file__).parent / "v2_space.yaml")])
 def test_the_table_keys_cover_every_layer_of_every_member(name: str) -> None:
     space = load_space(name)
     keys = set(space_layers(space))

@@ -1,7 +1,7 @@
 """Supernet benchmarks (issue: search spaces and supernet). Run: python tests/benchmarks/bench_supernet.py [part...]
 
 Parts (all by default):
-  forward   forward time of the active supernet vs the extracted network, same batch, as a ratio (goal <= 1.3)
+  forward   forward time of supernet(x, spec) vs the extracted network, same batch, as a ratio (goal <= 1.3)
   digits    the default `train-supernet` on digits: wall time (goal <= 90 s), largest/smallest validation
             accuracy (goals >= 97% / >= 93%), training throughput in images/s
   cifar10   supernet training on the CIFAR-10 JPEGs of ../shared/data (32x32, seeded 80/20 split of the
@@ -72,7 +72,7 @@ def forward() -> None:
               f"{r['ratio']:.2f} |" for r in rows]
     overall = statistics.median(r["ratio"] for r in rows)
     write_section("supernet-forward", "Supernet forward vs extracted network (goal: ratio <= 1.3)",
-                  f"Eval mode, inference mode, the same input batch; ratio = active supernet / extracted "
+                  f"Eval mode, inference mode, the same input batch; ratio = `supernet(x, spec)` / extracted "
                   f"`nas.build_model` network. Median ratio over all rows: **{overall:.2f}** "
                   f"(worst {max(r['ratio'] for r in rows):.2f}).\n\n" + "\n".join(table))
 
