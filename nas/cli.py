@@ -174,10 +174,11 @@ def _add_latency(p: argparse.ArgumentParser) -> None:
     _add_device_args(build)
     build.add_argument("--rebuild", action="store_true", help="measure again even if a table exists")
     validate = sub.add_parser("validate", help="compare predictions with real measurements",
-                              description="Sample random architectures of a space, build each with nas.build_model "
-                              "and measure it for real (4 interleaved rounds; their two halves give the noise "
-                              "floor), and report the predictor's error. Writes the report as JSON under "
-                              "<results>/latency/.")
+                              description="Calibrate the table's drift on a few fixed members, then sample random "
+                              "architectures of a space, build each with nas.build_model and measure it for real "
+                              "beside the space's reference (4 interleaved rounds; their two halves give the noise "
+                              "floor), and report the predictor's error, absolute and relative to the reference. "
+                              "Writes the report as JSON under <results>/latency/.")
     _add_device_args(validate)
     validate.add_argument("--n", type=_positive_int, default=100, help="architectures to measure (default 100)")
     validate.add_argument("--seed", type=int, default=1, help="sampling seed (default 1)")
@@ -188,7 +189,7 @@ def _add_latency(p: argparse.ArgumentParser) -> None:
 def _run_latency(args: argparse.Namespace) -> int:
     import time
 
-    from nas.latency import load_predictor, validate
+    from nas.latency import calibrate, load_predictor, validate
     from nas.space import load_space
 
     space = load_space(args.space)
@@ -207,7 +208,9 @@ def _run_latency(args: argparse.Namespace) -> int:
         for name, spec in (("largest", space.largest()), ("smallest", space.smallest())):
             print(f"{name}: {predictor.predict(spec):.3f} ms predicted")
         return 0
-    report = validate(predictor, space, n=args.n, seed=args.seed)
+    drift = calibrate(predictor)  # the machine's speed now against the table's, as a search calibrates it
+    print(drift.describe())
+    report = validate(predictor.with_drift(drift.factor), space, n=args.n, seed=args.seed)
     print(report.format())
     print(f"report: {report.save(predictor)}")
     return 0
@@ -244,7 +247,7 @@ def _run_search(args: argparse.Namespace) -> int:
         return 130
     finally:
         signal.signal(signal.SIGINT, previous)
-    report = build_report(outcome.study)
+    report = build_report(outcome.study, progress=True)
     paths = write_report(report, outcome.study, config.study_dir)
     print(format_summary(report, paths))
     rate = outcome.trials_run / outcome.seconds if outcome.seconds > 0 else 0.0
@@ -265,6 +268,8 @@ def _add_study_args(p: argparse.ArgumentParser) -> None:
 def _add_report(p: argparse.ArgumentParser) -> None:
     _add_study_args(p)
     p.add_argument("--out", default=None, help="where to write (default <results>/<study>/)")
+    p.add_argument("--remeasure", action="store_true",
+                   help="measure the Pareto architectures' latency again (default: reuse the study's measurements)")
 
 
 def _run_report(args: argparse.Namespace) -> int:
@@ -272,7 +277,7 @@ def _run_report(args: argparse.Namespace) -> int:
     from nas.study import load_study
 
     study, _ = load_study(args.study, args.storage, args.results)
-    report = build_report(study)
+    report = build_report(study, remeasure=args.remeasure, progress=True)
     paths = write_report(report, study, args.out or results_root(args.results) / args.study)
     print(format_summary(report, paths))
     return 0

@@ -19,13 +19,16 @@ import optuna
 import pandas as pd
 import plotly.graph_objects as go
 import torch
+from tqdm import tqdm
 
 from nas._schema import SpecError, write_atomic
 from nas.latency import measure
 from nas.model import build_model
 from nas.registry import ACTIVATIONS
 from nas.spec import NetworkSpec, save_spec
-from nas.study import Reference, StudyRecord, feasible, trial_spec
+from nas.study import Reference, StudyRecord, feasible, store_measurements, stored_measurements, trial_spec
+
+FLAG_GAP = 0.25  # a measured-vs-predicted gap beyond this is flagged in the summary, the specs and the plot
 
 
 @dataclass(frozen=True)
@@ -37,6 +40,16 @@ class ParetoEntry:
     measured_ms: float | None  # nas.build_model(spec) timed for real on the table's device, when available
     params: int
     spec: NetworkSpec
+
+    @property
+    def latency_gap(self) -> float | None:
+        """measured / predicted - 1."""
+        return None if self.measured_ms is None else self.measured_ms / self.predicted_ms - 1
+
+    @property
+    def flagged(self) -> bool:
+        """The measurement and the prediction disagree by more than FLAG_GAP: trust neither without a look."""
+        return self.latency_gap is not None and abs(self.latency_gap) > FLAG_GAP
 
 
 @dataclass(frozen=True)
@@ -68,7 +81,10 @@ def hypervolume(points: list[tuple[float, float]], limit_ms: float) -> float:
     return float(compute_hypervolume(losses, np.array([0.0, 1.0])))
 
 
-def build_report(study: optuna.Study, *, measure_latency: bool = True) -> Report:
+def build_report(study: optuna.Study, *, measure_latency: bool = True, remeasure: bool = False,
+                 progress: bool = False) -> Report:
+    """The report of ``study``. The Pareto architectures' real latency is measured once (with the table's device,
+    threads and batch size) and stored in the study; later reports reuse it unless ``remeasure``."""
     record = StudyRecord.load(study)
     limit = record.latency_limit_ms
     complete = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,))
@@ -86,17 +102,28 @@ def build_report(study: optuna.Study, *, measure_latency: bool = True) -> Report
     fp = record.fingerprint
     can_measure = measure_latency and (fp.device == "cpu" or torch.cuda.is_available())
     ranked = sorted((t for t in complete if t.number in best), key=lambda t: (-t.values[0], t.values[1]))
+    stored = {} if remeasure else stored_measurements(study)
+    todo = [t for t in ranked if t.number not in stored] if can_measure else []
+    for t in tqdm(todo, desc="measuring the Pareto front", unit="net", disable=not progress or not todo,
+                  dynamic_ncols=True):
+        stored[t.number] = measure(trial_spec(t), device=fp.device, threads=fp.threads,
+                                   batch_size=fp.batch_size).median_ms
+    if todo:
+        store_measurements(study, stored)
     pareto = []
     for rank, t in enumerate(ranked, start=1):
         spec = trial_spec(t)
-        measured = measure(spec, device=fp.device, threads=fp.threads,
-                           batch_size=fp.batch_size).median_ms if can_measure else None
+        measured = stored.get(t.number)
+        gap = None if measured is None else measured / t.values[1] - 1
         spec = spec.with_metadata(
             origin=f"nas search, study {study.study_name}, trial {t.number}", search_space=record.space_name,
             dataset=record.config.dataset, trial=t.number, rank=rank, proxy_accuracy=round(t.values[0], 6),
             predicted_latency_ms=round(t.values[1], 4),
             measured_latency_ms=None if measured is None else round(measured, 4),
-            latency_device=fp.processor, latency_limit_ms=round(limit, 4))
+            latency_device=fp.processor, latency_limit_ms=round(limit, 4),
+            latency_gap=None if gap is None else round(gap, 4),
+            latency_flag=None if gap is None else (f"measured {gap:+.0%} off predicted: the machine was busy, or "
+                                                   "the table is stale" if abs(gap) > FLAG_GAP else None))
         params = sum(p.numel() for p in build_model(spec).parameters())
         pareto.append(ParetoEntry(rank, t.number, t.values[0], t.values[1], measured, params, spec))
     hv = hypervolume([(t.values[0], t.values[1]) for t in complete if feasible(t)], limit)
@@ -128,9 +155,12 @@ def pareto_figure(report: Report, study: optuna.Study) -> go.Figure:
     front = sorted(report.pareto, key=lambda e: e.predicted_ms)
     fig.add_trace(go.Scatter(
         x=[e.predicted_ms for e in front], y=[e.accuracy for e in front], mode="lines+markers",
-        name="Pareto-optimal (exported)", marker={"color": "#e45756", "size": 10}, line={"shape": "hv"},
-        text=[f"rank {e.rank}, trial {e.trial}<br>{_architecture(e.spec)}"
-              for e in front],
+        name="Pareto-optimal (exported)", line={"shape": "hv"},
+        marker={"color": "#e45756", "size": 10, "symbol": ["x-open" if e.flagged else "circle" for e in front]},
+        text=[f"rank {e.rank}, trial {e.trial}"
+              + ("" if e.measured_ms is None else f"<br>measured {e.measured_ms:.3f} ms ({e.latency_gap:+.0%})"
+                 + (f": over {FLAG_GAP:.0%} off, flagged" if e.flagged else ""))
+              + f"<br>{_architecture(e.spec)}" for e in front],
         hovertemplate="%{text}<br>%{x:.3f} ms, acc %{y:.4f}<extra></extra>"))
     if report.reference is not None:
         ref = report.reference
@@ -215,10 +245,16 @@ def format_summary(report: Report, paths: dict[str, Path] | None = None, top: in
                      f"{r.predicted_latency_ms:.3f} ms")
     table = pd.DataFrame([{"rank": e.rank, "trial": e.trial, "accuracy": f"{e.accuracy:.4f}",
                            "predicted ms": f"{e.predicted_ms:.3f}",
-                           "measured ms": "" if e.measured_ms is None else f"{e.measured_ms:.3f}",
+                           "measured ms": "" if e.measured_ms is None else f"{e.measured_ms:.3f}"
+                           + (" !" if e.flagged else ""),
                            "blocks": len(e.spec.blocks), "params": f"{e.params:,}"} for e in report.pareto[:top]])
     lines += ["", "feasible Pareto-optimal architectures (best accuracy first):",
               table.to_string(index=False) if len(table) else "  none: no trial met the latency limit"]
+    flagged = [e for e in report.pareto if e.flagged]
+    if flagged:
+        lines.append(f"! measured more than {FLAG_GAP:.0%} off predicted for {len(flagged)} of {len(report.pareto)} "
+                     "(the machine was busy, or the table is stale): rerun 'nas report --remeasure' when it is quiet, "
+                     "or rebuild the table")
     if paths:
         lines += ["", f"specs:   {paths['specs']}/ (rebuild with nas.build_model(nas.load_spec(PATH)))",
                   f"trials:  {paths['trials']}", f"plots:   {paths['pareto']}, {paths['history']}"]

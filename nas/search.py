@@ -17,6 +17,7 @@ import contextlib
 import dataclasses
 import fcntl
 import hashlib
+import sys
 import threading
 import time
 import warnings
@@ -29,7 +30,7 @@ from tqdm import tqdm
 
 from nas._schema import SpecError
 from nas.data import DataSplit, load_for
-from nas.latency import Predictor, load_predictor, resolve_device
+from nas.latency import Predictor, calibrate, load_predictor, resolve_device
 from nas.space import SearchSpace, load_space
 from nas.spec import NetworkSpec
 from nas.study import (
@@ -133,6 +134,11 @@ def prepare(config: SearchConfig, *, progress: bool = True) -> Prepared:
     predictor = load_predictor(space, device=config.latency_device, root=config.results_dir / "latency",
                                table=config.latency_table, force=config.latency_table is not None,
                                progress=progress)
+    if config.latency_table is None:  # this machine's own table: follow its drift since the table was built
+        drift = calibrate(predictor)
+        if progress:
+            print(drift.describe(), file=sys.stderr)
+        predictor = predictor.with_drift(drift.factor)
     reference = space.reference_spec()
     if reference is not None and not space.contains(reference):
         reference = None
@@ -194,6 +200,12 @@ def _run_search(config: SearchConfig, progress: bool, prepared: Prepared | None,
     study = optuna.create_study(study_name=config.name, storage=storage, directions=["maximize", "minimize"],
                                 sampler=make_sampler(config.sampler, config.seed), load_if_exists=True)
     record = _record(study, config, p)
+    if (record.latency_drift, record.latency_limit_ms) != (p.predictor.drift, p.limit_ms):
+        if progress:
+            print(f"this study continues with its recorded latency drift x{record.latency_drift:.3f} and limit "
+                  f"{record.latency_limit_ms:.3f} ms (this run measured x{p.predictor.drift:.3f})", file=sys.stderr)
+        p = dataclasses.replace(p, predictor=p.predictor.with_drift(record.latency_drift),
+                                limit_ms=record.latency_limit_ms)
     study_id = storage.get_study_id_from_name(config.name)
     optuna.storages.fail_stale_trials(study)
     completed = _count(study, (optuna.trial.TrialState.COMPLETE,))
@@ -242,27 +254,31 @@ def _evaluate(trial: optuna.trial.Trial, p: Prepared) -> tuple[float, float]:
 
 
 def _record(study: optuna.Study, config: SearchConfig, p: Prepared) -> StudyRecord:
-    """This run's record, stored when the study is new; a study run with other defining settings is refused."""
-    mine = StudyRecord(config, p.space.name, p.space.num_classes, p.limit_ms, p.predictor.fingerprint)
+    """The study's record: this run's when the study is new (with the reference scored), else the stored one,
+    refusing a run whose defining settings differ."""
+    mine = StudyRecord(config, p.space.name, p.space.num_classes, p.limit_ms, p.predictor.fingerprint,
+                       latency_drift=p.predictor.drift)
     try:
-        theirs: StudyRecord | None = StudyRecord.load(study)
+        record = StudyRecord.load(study)
     except SpecError:
         if study.get_trials(deepcopy=False):
             raise  # trials without a record: another program's study, or an older nas's
-        theirs = None
-    if theirs is not None:
+        record = mine
+    else:
         for key, value in mine.defining().items():
-            if theirs.defining()[key] != value:
+            if record.defining()[key] != value:
                 raise SpecError("study_name", f"study {study.study_name!r} was run with {key} "
-                                f"{theirs.defining()[key]!r}, this run has {value!r}; use another --study-name (or, "
+                                f"{record.defining()[key]!r}, this run has {value!r}; use another --study-name (or, "
                                 f"for a latency table from another machine, --latency-table)")
-        mine = dataclasses.replace(mine, reference=theirs.reference)
-    if mine.reference is None and p.reference is not None:
+        if record.reference is not None or p.reference is None:
+            return record
+    if p.reference is not None:
         acc = score_subnet(p.supernet, p.reference, p.data, p.calibration, device=p.device, max_images=p.val_images)
-        mine = dataclasses.replace(mine, reference=Reference(p.reference, acc, p.predictor.predict(p.reference)))
-    if theirs is None or mine.reference != theirs.reference:
-        mine.save(study)
-    return mine if theirs is None else dataclasses.replace(theirs, reference=mine.reference)
+        predicted = p.predictor.with_drift(record.latency_drift).predict(p.reference)
+        record = dataclasses.replace(record, reference=Reference(p.reference, acc, predicted))
+    record.save(study)
+    # Workers starting together may each store a record: all of them continue with the one stored last.
+    return StudyRecord.load(study)
 
 
 def _count(study: optuna.Study, states: tuple[optuna.trial.TrialState, ...]) -> int:

@@ -84,8 +84,9 @@ def _torchvision_init(spec: NetworkSpec, model: Network, num_classes: int) -> li
 
 def train_network(spec: NetworkSpec, data: DataSplit, settings: TrainSettings, *, checkpoint: Path,
                   device: torch.device | str = "cpu", init: str | None = None, progress: bool = True,
-                  measure_latency: bool = True) -> Trained:
-    """Train ``nas.build_model(spec)`` on ``data`` (resumable through ``checkpoint``) and evaluate it."""
+                  measure_latency: bool = True, latency_threads: int | None = None) -> Trained:
+    """Train ``nas.build_model(spec)`` on ``data`` (resumable through ``checkpoint``) and evaluate it; its latency is
+    measured on the CPU at batch 1 with ``latency_threads`` (default: torch's)."""
     check_classes(spec, data)
     if spec.input.resolution != data.resolution:
         raise SpecError("dataset", f"was loaded at {data.resolution}px, the spec takes {spec.input.resolution}px")
@@ -108,8 +109,9 @@ def train_network(spec: NetworkSpec, data: DataSplit, settings: TrainSettings, *
     # runs; re-estimating them on training images gives the network's real accuracy.
     recalibrate_bn(model, calibration_batches(data, batches=8, device=device))
     acc = accuracy(model, data, device=device)
-    latency = measure(spec) if measure_latency else Measurement(float("nan"), float("nan"), float("nan"), 0, "cpu",
-                                                                 torch.get_num_threads(), 1)
+    nan = float("nan")
+    latency = (measure(spec, threads=latency_threads) if measure_latency
+               else Measurement(nan, nan, nan, 0, "cpu", torch.get_num_threads(), 1))
     return Trained(spec, model.eval(), acc, latency, history, checkpoint, reused)
 
 

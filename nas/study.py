@@ -25,6 +25,7 @@ SAMPLERS = ("tpe", "nsga2", "random")
 DEFAULT_SAMPLER = "tpe"  # best median hypervolume in tests/benchmarks/bench_search.py (3 seeds); BENCHMARKS.md
 HEARTBEAT_S = 2  # a worker killed mid-trial leaves a RUNNING trial; after 2 missed beats it is failed
 RECORD_ATTR = "nas"  # the study user attribute holding the record
+MEASURED_ATTR = "nas_measured"  # ... and the one holding measured latencies of trials' networks
 # Optuna's constraint: predicted latency minus the limit, so <= 0 is feasible (Optuna's own convention).
 CONSTRAINT = "latency_slack_ms"
 
@@ -117,15 +118,20 @@ class StudyRecord:
     config: SearchConfig
     space_name: str
     num_classes: int
-    latency_limit_ms: float
+    latency_limit_ms: float  # in ms on the latency device now (the reference's prediction after drift, by default)
     fingerprint: Fingerprint  # the device the latency table was measured on
     reference: Reference | None = None
+    # This machine's speed against the table when the study began (nas.latency.calibrate); every run of the study
+    # predicts with it, so its trials stay comparable (1.0: not calibrated, a table from another machine).
+    latency_drift: float = 1.0
 
     def defining(self) -> dict[str, Any]:
-        """The fields two runs of one study must share (their trials would not be comparable otherwise)."""
+        """The fields two runs of one study must share (their trials would not be comparable otherwise). The
+        limit is compared as configured: a default limit (None) is the reference's prediction, which the study's
+        recorded drift fixes for every later run."""
         c = self.config
         return {"space_name": self.space_name, "dataset": c.dataset, "num_classes": self.num_classes,
-                "latency_limit_ms": self.latency_limit_ms, "latency_fingerprint": self.fingerprint,
+                "latency_ms": c.latency_ms, "latency_fingerprint": self.fingerprint,
                 "supernet_epochs": c.supernet_epochs, "supernet_batch_size": c.supernet_batch_size,
                 "val_images": c.val_images}
 
@@ -142,6 +148,16 @@ class StudyRecord:
             return from_data(cls, data)
         except SpecError as e:
             raise SpecError("study", f"{study.study_name!r} has an unreadable record ({e})") from None
+
+
+def stored_measurements(study: optuna.Study) -> dict[int, float]:
+    """Measured latencies (ms) of trials' networks, by trial number, as ``nas report`` stored them."""
+    return {int(k): float(v) for k, v in study.user_attrs.get(MEASURED_ATTR, {}).items()}
+
+
+def store_measurements(study: optuna.Study, measured: dict[int, float]) -> None:
+    # A study attribute: Optuna does not let finished trials change.
+    study.set_user_attr(MEASURED_ATTR, {str(k): v for k, v in sorted(measured.items())})
 
 
 def record_trial(trial: optuna.trial.Trial, spec: NetworkSpec, predicted_ms: float, limit_ms: float) -> None:

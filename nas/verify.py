@@ -111,7 +111,9 @@ def verify(study: optuna.Study, *, top: int, settings: TrainSettings, device: st
     data = load_dataset(c.dataset, load_space(c.space).input.resolution, seed=c.seed, data_dir=c.data_dir)
     rows = []
     for name, spec, proxy, predicted in networks:
+        # Latency measured as the study's table was: its threads (verify's rows compare it with the prediction).
         trained = train_network(spec, data, settings, device=device, progress=progress,
+                                latency_threads=record.fingerprint.threads,
                                 checkpoint=checkpoint_for(spec, data, settings, None, Path(out_dir) / "checkpoints"))
         rows.append(VerifyRow(name, proxy, trained.val_accuracy, predicted, trained.latency.median_ms))
     tau, rho = rank_agreement([r.proxy_accuracy for r in rows], [r.standalone_accuracy for r in rows])

@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import random
 from pathlib import Path
@@ -142,3 +143,113 @@ def test_the_allocator_is_pinned_before_anything_is_timed() -> None:
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
         pytest.skip("mallopt exists in glibc only")
     assert steady_allocator() is True
+
+
+# ---- a table that knows its own error ----------------------------------------------------------------------------
+
+def _flat_predictor(space_name: str = "mobilenetv3_compact", ms: float = 0.05) -> Predictor:
+    """A predictor with every layer at ``ms``: cheap to make, for checks that do not need a real table."""
+    space = load_space(space_name)
+    return Predictor(space, Fingerprint.current(threads=1), dict.fromkeys(space_layers(space), ms), 1.0, 0.0)
+
+
+@pytest.mark.parametrize(("value", "expected"), [(-0.5, "-0.5 ms for"), (float("nan"), "nan ms for"),
+                                                 (0.0, "0.0 ms for")])
+def test_tables_with_non_positive_or_nan_entries_are_refused_on_load(value: float, expected: str,
+                                                                      tiny_predictor: Predictor,
+                                                                      tmp_path: Path) -> None:
+    assert tiny_predictor.path is not None
+    data = json.loads(tiny_predictor.path.read_text())
+    data["layers"][3]["ms"] = value
+    bad = tmp_path / "bad.json"
+    bad.write_text(json.dumps(data))
+    with pytest.raises(nas.SpecError, match=rf"bad\.json: layers: {expected} .*finite, positive") as info:
+        load_predictor(tiny_predictor.space, table=bad)
+    assert "\n" not in str(info.value)
+    with pytest.raises(nas.SpecError, match="scale: nan is not a finite number"):
+        Predictor(tiny_predictor.space, tiny_predictor.fingerprint, tiny_predictor.table, float("nan"), 0.0)
+
+
+@pytest.mark.parametrize(("scale", "offset", "sums", "expected"), [
+    (0.009, 14.5, [30.0, 3.0, 10.0], "a scale outside"),  # what a busy machine once fitted
+    (-0.009, 13.1, [30.0, 3.0, 10.0], "a scale outside"),
+    (1.0, 2.0, [30.0, 3.0, 10.0], "the offset is over 50%"),
+    (1.0, 0.0, [3.0, 3.5, 10.0], "predicts the largest member .* no slower than the smallest"),
+    (1.0, 0.0, [30.0, 3.0, 13.0], r"predicts the reference 13.000 ms, \+30% off its direct measurement"),
+])
+def test_implausible_fits_are_refused_with_their_cause(scale: float, offset: float, sums: list[float],
+                                                       expected: str, monkeypatch: pytest.MonkeyPatch,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    import numpy as np
+    monkeypatch.setenv("NAS_LATENCY_CHECKS", "refuse")
+    from nas.latency._predictor import check_fit
+    measured = np.array([30.0, 3.0, 10.0])  # largest, smallest, reference
+    with pytest.raises(nas.SpecError, match=rf"^latency table of tiny: refused: .*{expected}") as info:
+        check_fit(load_space(TINY), scale, offset, np.array(sums), measured, reference_index=2)
+    assert "rerun when the machine is quieter" in str(info.value) and "\n" not in str(info.value)
+    check_fit(load_space(TINY), 1.02, -0.05, measured, measured, reference_index=2)  # a plausible fit passes
+    monkeypatch.setenv("NAS_LATENCY_CHECKS", "warn")  # the switch the test suite runs under: a warning, not an error
+    check_fit(load_space(TINY), scale, offset, np.array(sums), measured, reference_index=2)
+    assert capsys.readouterr().err.startswith("warning (NAS_LATENCY_CHECKS=warn): latency table of tiny: refused")
+    monkeypatch.setenv("NAS_LATENCY_CHECKS", "ignore")
+    with pytest.raises(nas.SpecError, match=r"^NAS_LATENCY_CHECKS: 'ignore' is not one of 'refuse', 'warn'$"):
+        check_fit(load_space(TINY), scale, offset, np.array(sums), measured, reference_index=2)
+
+
+def test_a_busy_machine_is_refused_within_seconds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import time
+    monkeypatch.setenv("NAS_LATENCY_CHECKS", "refuse")
+    import nas.latency._predictor as predictor_module
+    calls = []
+
+    def erratic(specs: list, *, rounds: int, **kw: object) -> list:
+        calls.append(len(specs))  # one network in three runs 2x slower in alternate rounds: another process
+        return [[[1.0 + (r % 2) * (i == 0)] * 5 for r in range(rounds)] for i in range(len(specs))]
+
+    monkeypatch.setattr(predictor_module, "time_networks", erratic)
+    start = time.perf_counter()
+    with pytest.raises(nas.SpecError, match=r"refused: the same network's timings varied by 100% across 5 rounds"):
+        load_predictor(load_space(TINY), root=tmp_path, progress=False)
+    assert time.perf_counter() - start < 30 and calls == [2]  # the probe only: no layer was measured
+    assert not list(tmp_path.glob("*.json"))  # nothing written
+
+
+def test_layers_that_keep_disagreeing_refuse_the_table(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import nas.latency._predictor as predictor_module
+    monkeypatch.setenv("NAS_LATENCY_CHECKS", "refuse")
+    monkeypatch.setattr(predictor_module, "time_networks",
+                        lambda specs, *, rounds, **kw: [[[1.0] * 5] * rounds for _ in specs])  # a steady probe
+
+    def noisy(n: int, make: object, device: object, *, rounds: int, **kw: object) -> list:
+        # every layer: its round medians alternate 0.1 / 0.3 ms, however often it is measured again
+        return [[[0.1 + 0.2 * (r % 2)] * 3 for r in range(rounds)] for _ in range(n)]
+
+    monkeypatch.setattr(predictor_module, "time_interleaved", noisy)
+    with pytest.raises(nas.SpecError, match=r"refused: \d+ of \d+ layers' timings still disagreed by more than 20%"):
+        load_predictor(load_space(TINY), root=tmp_path, progress=False)
+    assert not list(tmp_path.glob("*.json"))
+
+
+def test_drift_calibration_rescales_and_refuses_beyond_its_band(monkeypatch: pytest.MonkeyPatch) -> None:
+    from nas.latency import DRIFT_BAND, calibrate
+    monkeypatch.setenv("NAS_LATENCY_CHECKS", "refuse")
+    space = load_space("mobilenetv3_compact")
+    flat = _flat_predictor()
+    raw = calibrate(flat, refuse=False)  # measured now against 0.05 ms per layer, reported per member
+    assert [name for name, *_ in raw.members] == ["reference", "largest", "smallest", "random1", "random2"]
+    assert raw.seconds < 30 and "latency drift x" in raw.describe()
+    assert flat.with_drift(raw.factor).predict(space.largest()) == pytest.approx(
+        raw.factor * flat.predict(space.largest()))
+    tuned = dataclasses.replace(flat, scale=raw.factor)  # a table of this machine's speed: near 1 (noise aside)
+    assert DRIFT_BAND[0] / 1.5 < calibrate(tuned, refuse=False).factor < DRIFT_BAND[1] * 1.5
+    with pytest.raises(nas.SpecError, match=r"this machine now runs x0\.\d+ against the table .*--rebuild"):
+        calibrate(dataclasses.replace(flat, scale=raw.factor * 5))  # a table 5x too slow for this machine
+
+
+def test_validation_reports_error_relative_to_the_reference() -> None:
+    from nas.latency import validate
+    report = validate(_flat_predictor(), load_space("mobilenetv3_compact"), n=4, rounds=2, progress=False)
+    assert report.drift == 1.0
+    assert report.relative_within_10 is not None and report.relative_noise_within_10 is not None
+    assert 0 <= report.relative_within_10 <= 1 and report.relative_mape is not None
+    assert "relative to the reference measured in the same rounds" in report.format()

@@ -14,7 +14,7 @@ import pytest
 
 import nas
 from nas.report import hypervolume
-from nas.study import CONSTRAINT, StudyRecord, open_storage
+from nas.study import CONSTRAINT, StudyRecord, open_storage, stored_measurements
 
 # Small and fast: a 1-epoch supernet (cached in one results folder for the whole module) and few trials.
 FAST = ["--supernet-epochs", "1", "--device", "cpu"]
@@ -112,9 +112,17 @@ def test_report_and_export_from_the_storage_alone(work: Path) -> None:
     out = work / "results" / "mobilenetv3_compact-digits"
     for name in ("trials.csv", "pareto.html", "history.html"):
         (out / name).unlink()
+    study = optuna.load_study(study_name="mobilenetv3_compact-digits", storage=f"sqlite:///{out / 'study.db'}")
+    before = stored_measurements(study)
+    assert before and set(before) == {t.number for t in study.best_trials}  # measured once, by the search
     r = nas_cmd("report", "--study", "mobilenetv3_compact-digits", cwd=work)
     assert r.returncode == 0, r.stderr
     assert (out / "trials.csv").exists() and (out / "pareto.html").exists() and (out / "history.html").exists()
+    assert stored_measurements(study) == before  # the report reused them instead of measuring again
+    specs = {nas.load_spec(p).metadata["trial"]: nas.load_spec(p).metadata for p in (out / "specs").glob("*.yaml")}
+    assert {n: m["measured_latency_ms"] for n, m in specs.items()} == {n: round(ms, 4) for n, ms in before.items()}
+    r = nas_cmd("report", "--study", "mobilenetv3_compact-digits", "--remeasure", cwd=work)
+    assert r.returncode == 0 and stored_measurements(study) != before, r.stderr
     r = nas_cmd("export", "--study", "mobilenetv3_compact-digits", "--top", "1", "--out", str(work / "best"),
                 cwd=work)
     assert r.returncode == 0, r.stderr
@@ -171,6 +179,15 @@ def test_library_errors_name_the_field_and_flags_come_from_the_fields() -> None:
     args = make_parser().parse_args(["search"])
     assert {f.name for f in dataclasses.fields(SearchConfig)} <= set(vars(args))
     assert SearchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SearchConfig)}) == SearchConfig()
+
+
+def test_latency_gaps_over_25_percent_are_flagged() -> None:
+    from nas.report import ParetoEntry
+    spec = nas.load_spec("mobilenet_v3_compact")
+    entry = ParetoEntry(1, 7, 0.9, predicted_ms=2.0, measured_ms=2.6, params=1, spec=spec)
+    assert entry.latency_gap == pytest.approx(0.3) and entry.flagged
+    assert not ParetoEntry(1, 7, 0.9, 2.0, 2.4, 1, spec).flagged  # 20%: within
+    assert not ParetoEntry(1, 7, 0.9, 2.0, None, 1, spec).flagged  # not measured
 
 
 def test_hypervolume_is_the_dominated_area() -> None:

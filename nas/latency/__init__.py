@@ -5,6 +5,7 @@ layer table of a space for this device and predicts any member in microseconds; 
 the two on random architectures.
 """
 
+from nas.latency._calibrate import DRIFT_BAND, Drift, calibrate
 from nas.latency._measure import (
     Measurement,
     check_device,
@@ -31,11 +32,12 @@ from nas.latency._predictor import (
 from nas.latency._validate import Validation, validate
 
 __all__ = [
-    "Fingerprint",
+    "DRIFT_BAND", "Drift", "Fingerprint",
     "Layer",
     "Measurement",
     "Predictor",
     "Validation",
+    "calibrate",
     "check_device",
     "layers_of",
     "load_predictor",

@@ -11,9 +11,12 @@ import dataclasses
 import functools
 import itertools
 import json
+import math
 import os
 import platform
 import random
+import statistics
+import sys
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +44,18 @@ from nas.spec import (
 )
 
 TABLE_VERSION = 2  # 2: interleaved rounds and a fixed malloc (tables of 1 are rebuilt, not read)
+
+# What a trustworthy table is. A build that cannot meet these refuses, naming the cause, rather than writing a table
+# that ranks networks wrongly (two builds on a busy machine fitted 0.009 x sum + 14.5 ms and -0.009 x sum + 13.1 ms).
+PROBE_ROUNDS = 5
+PROBE_SPREAD = 0.25  # a probe network's middle round medians spread wider: the machine is too busy to start
+LAYER_SPREAD = 0.20  # a layer whose round medians spread wider than this is measured again
+LAYER_FLOOR_MS = 0.02  # ... unless they are this close in absolute terms
+EXTRA_ROUNDS = 2  # ... in this many more interleaved rounds
+MAX_UNSETTLED = 0.10  # refuse when a larger share of layers still disagrees after that
+SCALE_BAND = (0.5, 2.0)  # whole network / sum of its layers: about 1.1 on a quiet 2-core machine
+MAX_OFFSET_SHARE = 0.5  # |offset| at most this share of the smallest network's measured latency
+MAX_REFERENCE_ERROR = 0.15  # the reference's prediction against its own direct measurement in the fit
 _OPS: dict[str, type[Any]] = {t.__name__: t for t in (StemSpec, BlockSpec, LastConvSpec, ClassifierSpec)}
 
 
@@ -157,6 +172,16 @@ class Predictor:
     scale: float
     offset: float
     path: Path | None = None
+    drift: float = 1.0  # this machine's speed now against the table's (nas.latency.calibrate); not stored
+
+    def __post_init__(self) -> None:
+        for name in ("scale", "offset", "drift"):
+            if not math.isfinite(getattr(self, name)):
+                raise SpecError(name, f"{getattr(self, name)} is not a finite number")
+        for layer, ms in self.table.items():
+            if not (math.isfinite(ms) and ms > 0):
+                raise SpecError("layers", f"{ms} ms for {type(layer.op).__name__} at {layer.size}x{layer.size}: "
+                                          "every entry must be a finite, positive time")
 
     device = property(lambda self: self.fingerprint.device)
     threads = property(lambda self: self.fingerprint.threads)
@@ -173,8 +198,11 @@ class Predictor:
         return total
 
     def predict(self, spec: NetworkSpec) -> float:
-        """Predicted latency of ``nas.build_model(spec)`` in milliseconds."""
-        return self.scale * self.layer_sum(spec) + self.offset
+        """Predicted latency of ``nas.build_model(spec)`` in milliseconds (rescaled by ``drift``)."""
+        return self.drift * (self.scale * self.layer_sum(spec) + self.offset)
+
+    def with_drift(self, factor: float) -> Predictor:
+        return dataclasses.replace(self, drift=factor)
 
     def save(self, path: Path) -> Predictor:
         """Write the table to ``path``; returns the predictor with its ``path``."""
@@ -189,38 +217,119 @@ def _layer_input(layer: Layer, batch: int, device: torch.device) -> torch.Tensor
     return torch.randn(batch, layer.in_channels, layer.size, layer.size, device=device)
 
 
+def _disagreement(rounds: list[list[float]], floor_ms: float) -> float:
+    """How far the round medians of one call disagree, (max - min) / median; 0 when max - min is under
+    ``floor_ms`` (jitter of a few microseconds on a tiny layer changes no network's latency)."""
+    medians = [statistics.median(r) for r in rounds]
+    gap = max(medians) - min(medians)
+    return 0.0 if gap < floor_ms else gap / statistics.median(medians)
+
+
+def _middle(rounds: list[list[float]]) -> list[list[float]]:
+    """The rounds without the fastest and the slowest (by median): one burst of noise cannot decide."""
+    return sorted(rounds, key=statistics.median)[1:-1] if len(rounds) > 3 else rounds
+
+
+CHECKS_ENV = "NAS_LATENCY_CHECKS"  # "refuse" (default) or "warn"
+
+
+def enforce(error: SpecError) -> None:
+    """Raise ``error`` (a latency check failed), or with $NAS_LATENCY_CHECKS=warn print it as a warning and go on.
+    The test suite sets warn: a shared machine's noise must not fail a functional test; its own tests of the checks
+    set refuse."""
+    mode = os.environ.get(CHECKS_ENV, "refuse")
+    if mode not in ("refuse", "warn"):
+        raise SpecError(CHECKS_ENV, f"{mode!r} is not one of 'refuse', 'warn'")
+    if mode == "refuse":
+        raise error
+    print(f"warning ({CHECKS_ENV}=warn): {error}", file=sys.stderr)
+
+
+def _refuse(space: SearchSpace, cause: str) -> SpecError:
+    return SpecError("", f"refused: {cause}; rerun when the machine is quieter (or with fewer other programs "
+                         "running)", source=f"latency table of {space.name}")
+
+
 def profile(space: SearchSpace, *, device: str = "cpu", threads: int | None = None, batch_size: int = 1,
             rounds: int = 3, warmup: int = 2, repeats: int = 7, fit_networks: int = 30, seed: int = 0,
             progress: bool = True) -> Predictor:
     """Measure every layer of ``space`` on this device, then fit the correction on whole networks.
 
     Layers and networks are timed in ``rounds`` interleaved sweeps (``time_interleaved``), so no median rests
-    on one stretch of a noisy machine."""
+    on one stretch of a noisy machine. The build checks its own noise and refuses (a SpecError naming the cause)
+    rather than write an untrustworthy table: a probe of two networks first (a second or two), layers whose rounds
+    disagree are measured again, and the fit must be plausible (see the bands above)."""
     fp = Fingerprint.current(device, threads, batch_size)
     dev = resolve_device(device)
     layers = space_layers(space)
     rng = random.Random(seed)
-    specs = [space.largest(), space.smallest(), *(space.sample(rng) for _ in range(max(0, fit_networks - 2)))]
+    reference = space.reference_spec()
+    anchors = [space.largest(), space.smallest(), *([reference] if reference and space.contains(reference) else [])]
+    specs = [*anchors, *(space.sample(rng) for _ in range(max(0, fit_networks - len(anchors))))]
+    net_kw = {"device": device, "threads": threads, "batch_size": batch_size, "warmup": warmup, "seed": seed}
+
+    probe = time_networks(anchors, rounds=PROBE_ROUNDS, repeats=5, **net_kw)
+    worst = max(_disagreement(_middle(t), floor_ms=0.1) for t in probe)
+    if worst > PROBE_SPREAD:
+        enforce(_refuse(space, f"the same network's timings varied by {worst:.0%} across {PROBE_ROUNDS} rounds "
+                             f"(limit {PROBE_SPREAD:.0%}), so the machine is too busy for a trustworthy table"))
 
     def layer_call(i: int) -> Callable[[], object]:
         module = layers[i].module(space.batch_norm).to(dev).eval()
         return functools.partial(module, _layer_input(layers[i], batch_size, dev))
 
-    kw = {"rounds": rounds, "warmup": warmup, "repeats": repeats, "seed": seed}
+    kw = {"warmup": warmup, "repeats": repeats, "seed": seed}
     with tqdm(total=rounds * (len(layers) + len(specs)), desc=f"latency table {space.name}", unit="call",
               disable=not progress, dynamic_ncols=True) as bar:
         with num_threads(threads), torch.inference_mode():
-            times = time_interleaved(len(layers), layer_call, dev, progress=bar, **kw)
+            times = time_interleaved(len(layers), layer_call, dev, rounds=rounds, progress=bar, **kw)
+            # Layers whose rounds disagree met a burst of noise: measure them again, then judge the middle rounds.
+            again = [i for i, t in enumerate(times) if _disagreement(t, LAYER_FLOOR_MS) > LAYER_SPREAD]
+            if again:
+                bar.total += EXTRA_ROUNDS * len(again)
+                extra = time_interleaved(len(again), lambda j: layer_call(again[j]), dev, rounds=EXTRA_ROUNDS,
+                                         progress=bar, **kw)
+                for i, t in zip(again, extra, strict=True):
+                    times[i] = times[i] + t
+        unsettled = sum(_disagreement(_middle(t), LAYER_FLOOR_MS) > LAYER_SPREAD for t in times)
+        if unsettled > MAX_UNSETTLED * len(layers):
+            enforce(_refuse(space, f"{unsettled} of {len(layers)} layers' timings still disagreed by more than "
+                                 f"{LAYER_SPREAD:.0%} across rounds after measuring them again"))
         table = {layer: median_of_rounds(t) for layer, t in zip(layers, times, strict=True)}
-        measured = np.array([median_of_rounds(t) for t in time_networks(specs, device=device, threads=threads,
-                                                                  batch_size=batch_size, progress=bar, **kw)])
+        measured = np.array([median_of_rounds(t) for t in time_networks(specs, rounds=rounds, repeats=repeats,
+                                                                         progress=bar, **net_kw)])
     sums = np.array([Predictor(space, fp, table, 1.0, 0.0).layer_sum(spec) for spec in specs])
     # Least squares on relative error (weights 1/measured), since the goal is a percentage error. One scale per
     # feature-map size was tried too: within noise of this on both built-in spaces, with more to overfit.
     w = 1.0 / measured
     a = np.stack([sums, np.ones(len(sums))], axis=1) * w[:, None]
-    scale, offset = np.linalg.lstsq(a, measured * w, rcond=None)[0]
-    return Predictor(space, fp, table, float(scale), float(offset))
+    scale, offset = (float(v) for v in np.linalg.lstsq(a, measured * w, rcond=None)[0])
+    check_fit(space, scale, offset, sums, measured, reference_index=2 if len(anchors) == 3 else None)
+    return Predictor(space, fp, table, scale, offset)
+
+
+def check_fit(space: SearchSpace, scale: float, offset: float, sums: np.ndarray, measured: np.ndarray, *,
+              reference_index: int | None) -> None:
+    """Refuse an implausible correction. ``sums`` and ``measured`` are the fit networks' layer sums and direct
+    measurements, the largest member first, then the smallest, then the reference (at ``reference_index``)."""
+    fitted = f"predicted = {scale:.3f} x sum of layers {offset:+.3f} ms"
+    if not (math.isfinite(scale) and math.isfinite(offset)):
+        enforce(_refuse(space, f"the fit did not converge ({fitted})"))
+    if not SCALE_BAND[0] <= scale <= SCALE_BAND[1]:
+        enforce(_refuse(space, f"{fitted}: a scale outside [{SCALE_BAND[0]}, {SCALE_BAND[1]}] means whole networks "
+                             "were not timed like their layers"))
+    if abs(offset) > MAX_OFFSET_SHARE * float(measured.min()):
+        enforce(_refuse(space, f"{fitted}: the offset is over {MAX_OFFSET_SHARE:.0%} of the fastest network's "
+                             f"{measured.min():.3f} ms"))
+    predicted = scale * sums + offset
+    if predicted[0] <= predicted[1]:
+        enforce(_refuse(space, f"{fitted} predicts the largest member ({predicted[0]:.3f} ms) no slower than the "
+                             f"smallest ({predicted[1]:.3f} ms)"))
+    if reference_index is not None:
+        error = predicted[reference_index] / measured[reference_index] - 1
+        if abs(error) > MAX_REFERENCE_ERROR:
+            enforce(_refuse(space, f"{fitted} predicts the reference {predicted[reference_index]:.3f} ms, {error:+.0%} "
+                                 f"off its direct measurement (limit {MAX_REFERENCE_ERROR:.0%})"))
 
 
 def load_table(path: Path, space: SearchSpace, expected: Fingerprint | None, *, force: bool = False) -> Predictor:
@@ -237,6 +346,10 @@ def load_table(path: Path, space: SearchSpace, expected: Fingerprint | None, *, 
         raise SpecError("", f"not a readable latency table ({type(e).__name__}: {e})", source=str(path)) from None
     if version != TABLE_VERSION:
         raise SpecError("", f"latency table version {version}, this nas reads {TABLE_VERSION}", source=str(path))
+    try:
+        predictor = Predictor(space, fp, table, scale, offset, path)
+    except SpecError as e:
+        raise e.in_file(path) from None
     if not force:
         if digest != space_digest(space):
             raise SpecError("", f"was made for space {name!r} ({digest}), not {space.name!r} "
@@ -244,7 +357,7 @@ def load_table(path: Path, space: SearchSpace, expected: Fingerprint | None, *, 
         if expected is not None and fp != expected:
             raise SpecError("", f"was measured on {fp.describe()}, this is {expected.describe()}; "
                                 "use --force to use it anyway", source=str(path))
-    return Predictor(space, fp, table, scale, offset, path)
+    return predictor
 
 
 def load_predictor(space: SearchSpace, *, device: str = "cpu", threads: int | None = None, batch_size: int = 1,

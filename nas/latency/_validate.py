@@ -32,6 +32,12 @@ class Validation:
     noise_within_10: float  # share of networks whose two measurements agree within +-10%
     noise_kendall_tau: float  # tau of the first measurement against the second
     worst: tuple[dict[str, Any], ...]  # the largest relative errors, with the architecture
+    # Relative to the reference member measured in the same rounds (what the default limit, "no slower than
+    # MobileNetV3", depends on): predicted_i / predicted_ref against measured_i / measured_ref. None without one.
+    relative_within_10: float | None = None
+    relative_mape: float | None = None
+    relative_noise_within_10: float | None = None  # the same ratio from the two halves of the rounds
+    drift: float = 1.0  # the predictor's drift factor (nas.latency.calibrate) when validated
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -53,8 +59,12 @@ class Validation:
             f"  mean absolute % error:    {self.mape:.1%}   (noise floor: median run-to-run spread "
             f"{self.noise_spread:.1%})",
             f"  Kendall tau:              {self.kendall_tau:.3f}   (noise floor: tau of the first measurement "
-            f"against the second {self.noise_kendall_tau:.3f})",
-            "  worst cases:"]
+            f"against the second {self.noise_kendall_tau:.3f})"]
+        if self.relative_within_10 is not None:
+            lines.append(f"  relative to the reference measured in the same rounds: {self.relative_within_10:.1%} "
+                         f"within +-10%, mean absolute error {self.relative_mape:.1%}   (noise floor: "
+                         f"{self.relative_noise_within_10:.1%} within +-10%)")
+        lines.append(f"  predictions rescaled by drift x{self.drift:.3f}; worst cases:")
         lines += [f"    predicted {w['predicted_ms']:.3f} ms, measured {w['measured_ms']:.3f} ms "
                   f"({w['error']:+.1%}), {w['blocks']} blocks" for w in self.worst]
         return "\n".join(lines)
@@ -63,24 +73,38 @@ class Validation:
 def validate(predictor: Predictor, space: SearchSpace, *, n: int = 100, seed: int = 1, worst: int = 5,
              rounds: int = 4, progress: bool = True) -> Validation:
     """Sample ``n`` members, predict them, and time ``nas.build_model`` of each for real (never the supernet)
-    in ``rounds`` interleaved sweeps. The prediction is compared with the median over all rounds; the noise
-    floor compares the first half of the rounds with the second, two independent measurements."""
+    in ``rounds`` interleaved sweeps, with the space's reference member among them. The prediction is compared with
+    the median over all rounds, absolutely and relative to the reference; the noise floor compares the first half
+    of the rounds with the second, two independent measurements. Calibrate ``predictor`` first
+    (``predictor.with_drift(nas.latency.calibrate(predictor).factor)``) to validate it as a search uses it."""
     if rounds < 2:
         raise SpecError("rounds", f"{rounds}: the noise floor needs at least 2")
     rng = random.Random(seed)
     specs: list[NetworkSpec] = [space.sample(rng) for _ in range(n)]
+    reference = space.reference_spec()
+    has_ref = reference is not None and space.contains(reference)
     fp = predictor.fingerprint
-    with tqdm(total=rounds * n, desc="measuring", unit="net", disable=not progress, dynamic_ncols=True) as bar:
-        times = time_networks(specs, device=fp.device, threads=fp.threads, batch_size=fp.batch_size, rounds=rounds,
+    timed = [reference, *specs] if has_ref and reference is not None else specs
+    with tqdm(total=rounds * len(timed), desc="measuring", unit="net", disable=not progress, dynamic_ncols=True) as bar:
+        times = time_networks(timed, device=fp.device, threads=fp.threads, batch_size=fp.batch_size, rounds=rounds,
                               warmup=3, repeats=10, seed=seed, progress=bar)
     half = rounds // 2
-    measured = [median_of_rounds(net) for net in times]
-    first = [median_of_rounds(net[:half]) for net in times]
-    second = [median_of_rounds(net[half:]) for net in times]
-    predicted = [predictor.predict(s) for s in specs]
+    measured_all = [median_of_rounds(net) for net in times]
+    first_all = [median_of_rounds(net[:half]) for net in times]
+    second_all = [median_of_rounds(net[half:]) for net in times]
+    predicted_all = [predictor.predict(s) for s in timed]
+    k = 1 if has_ref else 0
+    measured, first, second, predicted = (v[k:] for v in (measured_all, first_all, second_all, predicted_all))
     errors = [(p - m) / m for p, m in zip(predicted, measured, strict=True)]
     spread = [abs(a - b) / a for a, b in zip(first, second, strict=True)]
     order = sorted(range(n), key=lambda i: -abs(errors[i]))[:worst]
+    relative: dict[str, Any] = {}
+    if has_ref:
+        rel_err = [(p / predicted_all[0]) / (m / measured_all[0]) - 1 for p, m in zip(predicted, measured, strict=True)]
+        rel_noise = [(a / first_all[0]) / (b / second_all[0]) - 1 for a, b in zip(first, second, strict=True)]
+        relative = {"relative_within_10": sum(abs(e) <= 0.10 for e in rel_err) / n,
+                    "relative_mape": statistics.fmean(abs(e) for e in rel_err),
+                    "relative_noise_within_10": sum(abs(e) <= 0.10 for e in rel_noise) / n}
     return Validation(
         space=space.name, fingerprint=dataclasses.asdict(fp), n=n,
         mape=statistics.fmean(abs(e) for e in errors),
@@ -90,4 +114,5 @@ def validate(predictor: Predictor, space: SearchSpace, *, n: int = 100, seed: in
         noise_within_10=sum(s <= 0.10 for s in spread) / n,
         noise_kendall_tau=float(kendalltau(first, second).statistic),
         worst=tuple({"predicted_ms": predicted[i], "measured_ms": measured[i], "error": errors[i],
-                     "blocks": len(specs[i].blocks), "choices": space.choices(specs[i])} for i in order))
+                     "blocks": len(specs[i].blocks), "choices": space.choices(specs[i])} for i in order),
+        drift=predictor.drift, **relative)
