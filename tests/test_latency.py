@@ -214,6 +214,16 @@ def test_a_busy_machine_is_refused_within_seconds(monkeypatch: pytest.MonkeyPatc
     assert not list(tmp_path.glob("*.json"))  # nothing written
 
 
+def test_a_steadily_loaded_machine_is_refused_in_a_second(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    import nas.latency._predictor as predictor_module
+    monkeypatch.setenv("NAS_LATENCY_CHECKS", "refuse")
+    monkeypatch.setattr(predictor_module, "busy_share", lambda: 0.93)  # two other processes on two cores
+    with pytest.raises(nas.SpecError, match=r"refused: other programs are using 93% of this machine's CPU time"):
+        load_predictor(load_space(TINY), root=tmp_path, progress=False)
+    from nas.latency._measure import busy_share
+    assert busy_share(0.2) is None or 0 <= busy_share(0.2) <= 1
+
+
 def test_layers_that_keep_disagreeing_refuse_the_table(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import nas.latency._predictor as predictor_module
     monkeypatch.setenv("NAS_LATENCY_CHECKS", "refuse")

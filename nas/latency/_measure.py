@@ -11,6 +11,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -96,6 +97,24 @@ def steady_allocator() -> bool:
         return False
     m_trim_threshold, m_mmap_threshold = -1, -3  # from glibc's malloc.h
     return bool(mallopt(m_trim_threshold, 512 << 20)) and bool(mallopt(m_mmap_threshold, 32 << 20))
+
+
+def busy_share(seconds: float = 1.0) -> float | None:
+    """The share of all CPU time that other programs use, sampled from /proc/stat over ``seconds`` while this process
+    sleeps (Linux; None elsewhere). A steadily loaded machine times every layer consistently slowly, so round-to-round
+    spread alone does not reveal it; this does, in a second."""
+    def sample() -> tuple[int, int]:
+        fields = [int(v) for v in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+        idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+        return sum(fields[:8]) - idle, sum(fields[:8])
+
+    try:
+        busy0, total0 = sample()
+        time.sleep(seconds)
+        busy1, total1 = sample()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (busy1 - busy0) / max(total1 - total0, 1)
 
 
 def time_call(fn: Callable[[], object], device: torch.device, *, warmup: int, repeats: int) -> list[float]:

@@ -28,7 +28,14 @@ from torch import nn
 from tqdm import tqdm
 
 from nas._schema import SpecError, digest, results_root, to_data, write_json_atomic
-from nas.latency._measure import median_of_rounds, num_threads, resolve_device, time_interleaved, time_networks
+from nas.latency._measure import (
+    busy_share,
+    median_of_rounds,
+    num_threads,
+    resolve_device,
+    time_interleaved,
+    time_networks,
+)
 from nas.model import make_part
 from nas.space import SearchSpace
 from nas.spec import (
@@ -47,6 +54,7 @@ TABLE_VERSION = 2  # 2: interleaved rounds and a fixed malloc (tables of 1 are r
 
 # What a trustworthy table is. A build that cannot meet these refuses, naming the cause, rather than writing a table
 # that ranks networks wrongly (two builds on a busy machine fitted 0.009 x sum + 14.5 ms and -0.009 x sum + 13.1 ms).
+MAX_BUSY_SHARE = 0.5  # other programs using more of all cores than this (sampled for a second): too busy to start
 PROBE_ROUNDS = 5
 PROBE_SPREAD = 0.25  # a probe network's middle round medians spread wider: the machine is too busy to start
 LAYER_SPREAD = 0.20  # a layer whose round medians spread wider than this is measured again
@@ -268,6 +276,10 @@ def profile(space: SearchSpace, *, device: str = "cpu", threads: int | None = No
     specs = [*anchors, *(space.sample(rng) for _ in range(max(0, fit_networks - len(anchors))))]
     net_kw = {"device": device, "threads": threads, "batch_size": batch_size, "warmup": warmup, "seed": seed}
 
+    others = busy_share() if dev.type == "cpu" else None
+    if others is not None and others > MAX_BUSY_SHARE:
+        enforce(_refuse(space, f"other programs are using {others:.0%} of this machine's CPU time (limit "
+                               f"{MAX_BUSY_SHARE:.0%}), so every layer would be timed slow"))
     probe = time_networks(anchors, rounds=PROBE_ROUNDS, repeats=5, **net_kw)
     worst = max(_disagreement(_middle(t), floor_ms=0.1) for t in probe)
     if worst > PROBE_SPREAD:
