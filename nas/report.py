@@ -8,8 +8,10 @@ plotly.js embedded so they open offline).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import shutil
+import statistics
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +31,7 @@ from nas.spec import NetworkSpec, save_spec
 from nas.study import Reference, StudyRecord, feasible, store_measurements, stored_measurements, trial_spec
 
 FLAG_GAP = 0.25  # a measured-vs-predicted gap beyond this is flagged in the summary, the specs and the plot
+CHANCE_MARGIN = 0.05  # proxy accuracies all this close to chance: the supernet has not learnt (1-epoch CIFAR: 11-14%)
 
 
 @dataclass(frozen=True)
@@ -59,6 +62,7 @@ class Report:
     trials: pd.DataFrame  # one row per trial: number, state, objectives, feasibility, Pareto flag, choices
     pareto: tuple[ParetoEntry, ...]
     hypervolume: float
+    caveats: tuple[str, ...] = ()  # reasons to distrust the proxy ranking (see proxy_caveats)
 
     @property
     def limit_ms(self) -> float:
@@ -127,7 +131,28 @@ def build_report(study: optuna.Study, *, measure_latency: bool = True, remeasure
         params = sum(p.numel() for p in build_model(spec).parameters())
         pareto.append(ParetoEntry(rank, t.number, t.values[0], t.values[1], measured, params, spec))
     hv = hypervolume([(t.values[0], t.values[1]) for t in complete if feasible(t)], limit)
-    return Report(study.study_name, record, trials, tuple(pareto), hv)
+    caveats = proxy_caveats([t.values[0] for t in complete], record.num_classes, record.proxy_images)
+    return Report(study.study_name, record, trials, tuple(pareto), hv, caveats)
+
+
+def proxy_caveats(accuracies: list[float], num_classes: int, images: int | None) -> tuple[str, ...]:
+    """Warnings when proxy accuracies cannot rank anything: all within CHANCE_MARGIN (or two standard errors, if
+    more) of chance, or spanning less than one standard error of a proxy on ``images`` validation images."""
+    if not accuracies or not images:
+        return ()
+    chance = 1 / num_classes
+    found = []
+    margin = max(2 * math.sqrt(chance * (1 - chance) / images), CHANCE_MARGIN)
+    if max(accuracies) <= chance + margin:
+        found.append(f"every proxy accuracy (best {max(accuracies):.1%}) is within {margin:.1%} of chance "
+                     f"({chance:.1%} for {num_classes} classes): the supernet has learnt next to nothing; train it "
+                     "longer")
+    p = statistics.median(accuracies)
+    se = math.sqrt(p * (1 - p) / images)
+    if len(accuracies) > 1 and max(accuracies) - min(accuracies) < se:
+        found.append(f"proxy accuracies span {max(accuracies) - min(accuracies):.2%}, less than their standard error "
+                     f"({se:.2%} on {images} images): the ranking is noise")
+    return tuple(found)
 
 
 def _architecture(spec: NetworkSpec) -> str:
@@ -250,6 +275,7 @@ def format_summary(report: Report, paths: dict[str, Path] | None = None, top: in
                            "blocks": len(e.spec.blocks), "params": f"{e.params:,}"} for e in report.pareto[:top]])
     lines += ["", "feasible Pareto-optimal architectures (best accuracy first):",
               table.to_string(index=False) if len(table) else "  none: no trial met the latency limit"]
+    lines += [f"! {c}" for c in report.caveats]
     flagged = [e for e in report.pareto if e.flagged]
     if flagged:
         lines.append(f"! measured more than {FLAG_GAP:.0%} off predicted for {len(flagged)} of {len(report.pareto)} "

@@ -36,14 +36,17 @@ from nas.spec import NetworkSpec
 from nas.study import (
     DEFAULT_SAMPLER,
     HEARTBEAT_S,
+    METRIC_NAMES,
     SAMPLERS,
     Reference,
     SearchConfig,
     StudyRecord,
+    config_defining,
     feasible,
     open_storage,
     record_trial,
     sqlite_path,
+    trial_spec,
     within_limit,
 )
 from nas.supernet import Supernet
@@ -195,10 +198,24 @@ def run_search(config: SearchConfig, *, progress: bool = True, prepared: Prepare
 
 def _run_search(config: SearchConfig, progress: bool, prepared: Prepared | None, stop: threading.Event
                 ) -> SearchOutcome:
+    db = sqlite_path(config.storage_url)
+    if config.budget == 0 and db is not None and not db.exists():  # refused before a database file is made
+        raise _nothing_to_do(config)
     storage = open_storage(config.storage_url)  # first: a bad URL or an unreachable server fails fast
+    existing = _stored_record(storage, config.name)
+    if existing is not None:  # a continued study with other settings is refused before the supernet trains
+        existing.refuse_mismatch(config.name, config_defining(config))
+        study = optuna.load_study(study_name=config.name, storage=storage)
+        done = _count(study, (optuna.trial.TrialState.COMPLETE,))
+        if done >= config.budget:  # nothing to run: no supernet, data or table is loaded
+            return SearchOutcome(study, existing, config, done, False, 0.0, 0)
+    elif config.budget == 0:
+        raise _nothing_to_do(config)
     p = prepared or prepare(config, progress=progress)
     study = optuna.create_study(study_name=config.name, storage=storage, directions=["maximize", "minimize"],
                                 sampler=make_sampler(config.sampler, config.seed), load_if_exists=True)
+    if study.metric_names is None:
+        study.set_metric_names(list(METRIC_NAMES))
     record = _record(study, config, p)
     if (record.latency_drift, record.latency_limit_ms) != (p.predictor.drift, p.limit_ms):
         if progress:
@@ -207,6 +224,8 @@ def _run_search(config: SearchConfig, progress: bool, prepared: Prepared | None,
         p = dataclasses.replace(p, predictor=p.predictor.with_drift(record.latency_drift),
                                 limit_ms=record.latency_limit_ms)
     study_id = storage.get_study_id_from_name(config.name)
+    study.sampler = make_sampler(config.sampler, _worker_seed(storage, study_id, config))
+    scored = _Scored()
     optuna.storages.fail_stale_trials(study)
     completed = _count(study, (optuna.trial.TrialState.COMPLETE,))
     bar = tqdm(total=config.budget, initial=min(completed, config.budget), desc=f"search {config.name}",
@@ -229,7 +248,7 @@ def _run_search(config: SearchConfig, progress: bool, prepared: Prepared | None,
                 trial = study.ask()
             trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
             with _Heartbeat(storage, trial_id):
-                values = _evaluate(trial, p)
+                values = _evaluate(trial, p, scored)
             study.tell(trial, values)
             ran += 1
             bar.update()
@@ -245,19 +264,64 @@ def _run_search(config: SearchConfig, progress: bool, prepared: Prepared | None,
     return SearchOutcome(study, record, config, completed, stop.is_set(), time.perf_counter() - start, ran)
 
 
-def _evaluate(trial: optuna.trial.Trial, p: Prepared) -> tuple[float, float]:
+def _worker_seed(storage: optuna.storages.RDBStorage, study_id: int, config: SearchConfig) -> int:
+    """The sampler seed of this run: ``config.seed`` for the study's first, a seed derived from it for each later
+    run or concurrent worker (numbered in the storage under the budget lock), so no two draw the same stream."""
+    with budget_lock(storage, config.storage_url, config.name):
+        n = storage.get_study_system_attrs(study_id).get(_WORKERS_ATTR, 0)
+        storage.set_study_system_attr(study_id, _WORKERS_ATTR, n + 1)
+    return config.seed + 1_000_003 * n
+
+
+_WORKERS_ATTR = "nas:workers"
+
+
+class _Scored:
+    """The architectures already scored in the study (by any worker) and their values, so a repeat is not scored
+    again. Indexed incrementally: only trials not seen before are read."""
+
+    def __init__(self) -> None:
+        self._values: dict[NetworkSpec, tuple[int, tuple[float, float]]] = {}
+        self._seen: set[int] = set()
+
+    def get(self, study: optuna.Study, spec: NetworkSpec) -> tuple[int, tuple[float, float]] | None:
+        if spec not in self._values:
+            for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+                if t.number not in self._seen:
+                    self._seen.add(t.number)
+                    self._values.setdefault(trial_spec(t), (t.number, (t.values[0], t.values[1])))
+        return self._values.get(spec)
+
+
+def _evaluate(trial: optuna.trial.Trial, p: Prepared, scored: _Scored) -> tuple[float, float]:
     spec = choose(trial, p.space)
     latency = p.predictor.predict(spec)
     record_trial(trial, spec, latency, p.limit_ms)
+    earlier = scored.get(trial.study, spec)
+    if earlier is not None:  # TPE revisits architectures, and workers may meet: reuse, do not score again
+        trial.set_user_attr("duplicate_of", earlier[0])
+        return earlier[1][0], latency
     accuracy = score_subnet(p.supernet, spec, p.data, p.calibration, device=p.device, max_images=p.val_images)
     return accuracy, latency
+
+
+def _nothing_to_do(config: SearchConfig) -> SpecError:
+    return SpecError("budget", f"0, and there is no study {config.name!r} to report: nothing to do")
+
+
+def _stored_record(storage: optuna.storages.RDBStorage, name: str) -> StudyRecord | None:
+    """The record of study ``name`` if it exists and has one (a study without is judged by _record)."""
+    try:
+        return StudyRecord.load(optuna.load_study(study_name=name, storage=storage))
+    except (KeyError, SpecError):
+        return None
 
 
 def _record(study: optuna.Study, config: SearchConfig, p: Prepared) -> StudyRecord:
     """The study's record: this run's when the study is new (with the reference scored), else the stored one,
     refusing a run whose defining settings differ."""
     mine = StudyRecord(config, p.space.name, p.space.num_classes, p.limit_ms, p.predictor.fingerprint,
-                       latency_drift=p.predictor.drift)
+                       latency_drift=p.predictor.drift, proxy_images=min(p.val_images, len(p.data.val)))
     try:
         record = StudyRecord.load(study)
     except SpecError:
@@ -265,11 +329,7 @@ def _record(study: optuna.Study, config: SearchConfig, p: Prepared) -> StudyReco
             raise  # trials without a record: another program's study, or an older nas's
         record = mine
     else:
-        for key, value in mine.defining().items():
-            if record.defining()[key] != value:
-                raise SpecError("study_name", f"study {study.study_name!r} was run with {key} "
-                                f"{record.defining()[key]!r}, this run has {value!r}; use another --study-name (or, "
-                                f"for a latency table from another machine, --latency-table)")
+        record.refuse_mismatch(study.study_name, mine.defining())
         if record.reference is not None or p.reference is None:
             return record
     if p.reference is not None:

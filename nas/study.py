@@ -102,6 +102,12 @@ class SearchConfig:
         return self.storage or default_storage_url(self.name, self.results)
 
 
+def config_defining(c: SearchConfig) -> dict[str, Any]:
+    """The defining fields a configuration alone gives: checked before any expensive step."""
+    return {"dataset": c.dataset, "latency_ms": c.latency_ms, "seed": c.seed, "supernet_epochs": c.supernet_epochs,
+            "supernet_batch_size": c.supernet_batch_size, "val_images": c.val_images}
+
+
 @dataclass(frozen=True)
 class Reference:
     """The space's hand-designed member (MobileNetV3) scored like every trial."""
@@ -124,16 +130,23 @@ class StudyRecord:
     # This machine's speed against the table when the study began (nas.latency.calibrate); every run of the study
     # predicts with it, so its trials stay comparable (1.0: not calibrated, a table from another machine).
     latency_drift: float = 1.0
+    proxy_images: int | None = None  # validation images each trial is scored on (None: not recorded)
 
     def defining(self) -> dict[str, Any]:
         """The fields two runs of one study must share (their trials would not be comparable otherwise). The
         limit is compared as configured: a default limit (None) is the reference's prediction, which the study's
         recorded drift fixes for every later run."""
-        c = self.config
-        return {"space_name": self.space_name, "dataset": c.dataset, "num_classes": self.num_classes,
-                "latency_ms": c.latency_ms, "latency_fingerprint": self.fingerprint,
-                "supernet_epochs": c.supernet_epochs, "supernet_batch_size": c.supernet_batch_size,
-                "val_images": c.val_images}
+        return {"space_name": self.space_name, "num_classes": self.num_classes,
+                "latency_fingerprint": self.fingerprint, **config_defining(self.config)}
+
+    def refuse_mismatch(self, study_name: str, mine: dict[str, Any]) -> None:
+        """A SpecError naming the first of ``mine`` (defining fields of another run) that differs from this study's."""
+        theirs = self.defining()
+        for key, value in mine.items():
+            if theirs[key] != value:
+                raise SpecError("study_name", f"study {study_name!r} was run with {key} {theirs[key]!r}, this run has "
+                                              f"{value!r}; use another --study-name (or, for a latency table from "
+                                              "another machine, --latency-table)")
 
     def save(self, study: optuna.Study) -> None:
         study.set_user_attr(RECORD_ATTR, to_data(self))
@@ -165,11 +178,17 @@ def record_trial(trial: optuna.trial.Trial, spec: NetworkSpec, predicted_ms: flo
     trial.set_user_attr("predicted_latency_ms", predicted_ms)
     trial.set_user_attr("spec", spec_to_dict(spec))
     trial.set_constraint(CONSTRAINT, predicted_ms - limit_ms)
+    # optuna-dashboard (0.21) reads only the older list form, the one Optuna's constraints_func stores; the same
+    # slack there, so the dashboard shows which trials are infeasible. Trial has no public setter for it.
+    trial.storage.set_trial_system_attr(trial._trial_id, "constraints", [predicted_ms - limit_ms])
 
 
 def within_limit(slack_ms: float) -> bool:
     """The one feasibility rule: a trial is feasible when its latency slack is zero or less."""
     return slack_ms <= 0
+
+
+METRIC_NAMES = ("proxy_accuracy", "predicted_latency_ms")  # the objectives, named for Optuna's tools and dashboard
 
 
 def feasible(trial: optuna.trial.FrozenTrial) -> bool:

@@ -56,7 +56,17 @@ class Verification:
             f"verify {self.study}: {len(self.rows)} networks retrained on {self.dataset} for "
             f"{self.settings['epochs']} epochs each", "", table.to_string(index=False), "",
             f"rank agreement of proxy vs stand-alone accuracy: Kendall tau {self.kendall_tau:.3f}, "
-            f"Spearman rho {self.spearman_rho:.3f}"])
+            f"Spearman rho {self.spearman_rho:.3f}", *(f"! {c}" for c in self.caveats)])
+
+    @property
+    def caveats(self) -> tuple[str, ...]:
+        """Why the rank agreement may say little."""
+        n, found = len(self.rows), []
+        if n < 6:
+            found.append(f"tau over {n} networks is coarse: one swapped pair moves it by {4 / (n * (n - 1)):.2f}")
+        if math.isnan(self.kendall_tau):
+            found.append("tau is undefined: all proxy or all stand-alone accuracies are equal")
+        return tuple(found)
 
 
 def _fronts(trials: list[optuna.trial.FrozenTrial]) -> Iterator[list[optuna.trial.FrozenTrial]]:
@@ -149,9 +159,7 @@ def write_verification(v: Verification, out_dir: str | os.PathLike[str]) -> dict
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "verify.json", "html": out / "verify.html"}
-    data = v.to_json()
-    if any(math.isnan(x) for x in (v.kendall_tau, v.spearman_rho)):  # constant accuracies: no ranking to compare
-        data["note"] = "tau/rho undefined: all proxy or all stand-alone accuracies are equal"
+    data = {**v.to_json(), "caveats": list(v.caveats)}
     write_json_atomic(data, paths["json"])
     write_atomic(paths["html"], lambda p: verify_figure(v).write_html(p, include_plotlyjs=True))
     return paths

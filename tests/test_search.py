@@ -14,7 +14,7 @@ import pytest
 
 import nas
 from nas.report import hypervolume
-from nas.study import CONSTRAINT, StudyRecord, open_storage, stored_measurements
+from nas.study import CONSTRAINT, StudyRecord, open_storage, stored_measurements, trial_spec
 
 # Small and fast: a 1-epoch supernet (cached in one results folder for the whole module) and few trials.
 FAST = ["--supernet-epochs", "1", "--device", "cpu"]
@@ -94,10 +94,23 @@ def test_trials_carry_spec_latency_and_optuna_constraints(work: Path) -> None:
     assert record.config.budget == 12 and record.space_name == "mobilenetv3_compact" and record.num_classes == 10
     for t in study.trials:
         assert "stage1.block1.kernel" in t.params and "spec" in t.user_attrs
-        assert t.constraints == {CONSTRAINT: pytest.approx(t.values[1] - limit)}
+        assert t.constraints[CONSTRAINT] == pytest.approx(t.values[1] - limit)
         assert nas.spec.spec_from_dict(t.user_attrs["spec"]).blocks[0].kernel == t.params["stage1.block1.kernel"]
     feasible_numbers = {t.number for t in study.trials if t.values[1] <= limit}
     assert {t.number for t in study.best_trials} <= feasible_numbers  # Optuna itself excludes infeasible ones
+
+
+def test_optuna_dashboard_sees_metric_names_and_feasibility(work: Path) -> None:
+    from optuna_dashboard._named_objectives import get_objective_names
+    from optuna_dashboard._serializer import serialize_frozen_trial
+    study = optuna.load_study(study_name="mobilenetv3_compact-digits",
+                              storage=f"sqlite:///{work / 'results/mobilenetv3_compact-digits/study.db'}")
+    system_attrs = study._storage.get_study_system_attrs(study._study_id)
+    assert get_objective_names(system_attrs) == ["proxy_accuracy", "predicted_latency_ms"]
+    limit = StudyRecord.load(study).latency_limit_ms
+    for t in study.trials:
+        shown = serialize_frozen_trial(study._study_id, t, system_attrs)["constraints"]
+        assert shown == [pytest.approx(t.values[1] - limit)]  # what the dashboard judges feasibility by
 
 
 def test_a_rerun_continues_to_the_budget_and_repeats_nothing(work: Path) -> None:
@@ -130,6 +143,39 @@ def test_report_and_export_from_the_storage_alone(work: Path) -> None:
     assert len(exported) == 1 and exported[0].name.startswith("rank01-")
     bad = nas_cmd("report", "--study", "nope", cwd=work)
     assert bad.returncode == 2 and bad.stderr.startswith("error: --study: no study 'nope'")
+
+
+def test_a_run_with_another_seed_is_refused_before_training(work: Path) -> None:
+    supernets = set((work / "results" / "supernets").iterdir())
+    r = nas_cmd("search", "--budget", "15", "--seed", "1", *FAST, cwd=work)
+    assert r.returncode == 2 and r.stderr.startswith(
+        "error: --study-name: study 'mobilenetv3_compact-digits' was run with seed 0, this run has 1"), r.stderr
+    assert set((work / "results" / "supernets").iterdir()) == supernets  # no supernet trained for seed 1
+    r = nas_cmd("search", "--budget", "0", "--study-name", "nothing", *FAST, cwd=work)
+    assert r.returncode == 2 and r.stderr == ("error: --budget: 0, and there is no study 'nothing' to report: nothing "
+                                              "to do\n")
+    assert not (work / "results" / "nothing").exists()
+
+
+def test_repeated_architectures_reuse_their_values_and_workers_draw_their_own_streams(tmp_path: Path) -> None:
+    from nas.search import _Scored, _worker_seed
+    from nas.study import SearchConfig
+    space = nas.load_space("mobilenetv3_compact")
+    config = SearchConfig(study_name="dups", storage=f"sqlite:///{tmp_path / 'study.db'}", seed=5)
+    storage = open_storage(config.storage_url)
+    study = optuna.create_study(study_name="dups", storage=storage, directions=["maximize", "minimize"])
+    import random
+
+    from nas.spec import spec_to_dict
+    specs = [space.sample(random.Random(i)) for i in range(3)]
+    for i, (spec, acc) in enumerate([(specs[0], 0.5), (specs[1], 0.6), (specs[0], 0.7)]):
+        study.add_trial(optuna.trial.create_trial(values=[acc, 1.0 + i], user_attrs={"spec": spec_to_dict(spec)}))
+    scored = _Scored()
+    assert scored.get(study, specs[0].with_metadata(anything=1)) == (0, (0.5, 1.0))  # the first scoring wins
+    assert scored.get(study, specs[2]) is None
+    study_id = storage.get_study_id_from_name("dups")
+    seeds = [_worker_seed(storage, study_id, config) for _ in range(3)]
+    assert seeds[0] == 5 and len(set(seeds)) == 3  # the first run keeps --seed: a lone search is reproducible
 
 
 def test_ctrl_c_stops_after_the_current_trial(work: Path) -> None:
@@ -190,6 +236,17 @@ def test_latency_gaps_over_25_percent_are_flagged() -> None:
     assert not ParetoEntry(1, 7, 0.9, 2.0, None, 1, spec).flagged  # not measured
 
 
+def test_proxy_accuracies_at_chance_or_within_their_noise_are_called_out() -> None:
+    from nas.report import proxy_caveats
+    at_chance = proxy_caveats([0.11, 0.12, 0.14, 0.13], num_classes=10, images=2000)  # a 1-epoch CIFAR supernet
+    assert at_chance == ("every proxy accuracy (best 14.0%) is within 5.0% of chance (10.0% for 10 classes): the "
+                         "supernet has learnt next to nothing; train it longer",)
+    narrow = proxy_caveats([0.80, 0.803, 0.806], num_classes=10, images=2000)  # SE of 80% on 2000 images: 0.9 points
+    assert len(narrow) == 1 and narrow[0].startswith("proxy accuracies span 0.60%") and "ranking is noise" in narrow[0]
+    assert proxy_caveats([0.70, 0.80, 0.90], num_classes=10, images=2000) == ()
+    assert proxy_caveats([0.5, 0.6], num_classes=10, images=None) == ()  # a study recorded no image count
+
+
 def test_hypervolume_is_the_dominated_area() -> None:
     assert hypervolume([], 1.0) == 0.0
     assert hypervolume([(0.5, 0.5)], 1.0) == pytest.approx(0.25)
@@ -215,3 +272,6 @@ def test_two_postgres_workers_share_one_budget_exactly(work: Path) -> None:
     trials = study.get_trials(deepcopy=False)
     assert len(trials) == 20 and all(t.state == optuna.trial.TrialState.COMPLETE for t in trials)
     assert sorted(t.number for t in trials) == list(range(20))
+    # Each worker drew its own sampler stream, and a repeat reused the values instead of being scored again.
+    scored = [trial_spec(t) for t in trials if "duplicate_of" not in t.user_attrs]
+    assert len(scored) - len(set(scored)) <= 1  # only a race (two workers meeting one new architecture) repeats

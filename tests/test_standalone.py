@@ -105,7 +105,10 @@ def test_verify_retrains_a_tiny_study(tmp_path: Path) -> None:
     expected = kendalltau([0.9, 0.8, 0.7], [r.standalone_accuracy for r in v.rows]).statistic
     assert v.kendall_tau == pytest.approx(expected)
     paths = write_verification(v, tmp_path)
-    assert json.loads(paths["json"].read_text())["rows"][0]["name"] == "rank01-trial0000"
+    written = json.loads(paths["json"].read_text())
+    assert written["rows"][0]["name"] == "rank01-trial0000"
+    assert written["caveats"][0] == "tau over 3 networks is coarse: one swapped pair moves it by 0.67"
+    assert "! tau over 3 networks is coarse" in v.format()
     assert "Plotly.newPlot" in paths["html"].read_text()
 
 
