@@ -18,7 +18,9 @@ import dataclasses
 import functools
 import hashlib
 import json
+import math
 import os
+import stat
 import types
 import typing
 from collections.abc import Callable, Mapping
@@ -72,12 +74,33 @@ def fmt_choices(values: typing.Iterable[Any]) -> str:
     return ", ".join(repr(v) if isinstance(v, str) else str(v) for v in values)
 
 
+# Limits on what a description may ask for, checked before anything is allocated. Every MobileNet is far inside
+# them (its widest layer has 1,280 channels, its deepest 17 blocks); a value beyond one is a mistake, or an attack.
+MAX_CHANNELS = 16_384
+MAX_RESOLUTION = 4_096
+MAX_CLASSES = 100_000
+MAX_BLOCKS = 256
+MAX_VALUES = 100_000  # scalars, lists and mappings in one file, after YAML aliases are expanded
+MAX_NESTING = 32
+MAX_SHOWN = 60  # characters of a value echoed in an error message
+
+
+def cut(text: str, limit: int = MAX_SHOWN) -> str:
+    return text if len(text) <= limit else text[:limit - 3] + "..."
+
+
+def shown(value: Any) -> str:
+    """``value`` as an error message shows it: strings quoted, anything long cut."""
+    if isinstance(value, int) and abs(value) >= 10**50:
+        return f"an integer of {len(str(abs(value)))} digits"
+    return cut(repr(value) if isinstance(value, str) else str(value))
+
+
 def check_choice(path: str, value: Any, allowed: typing.Iterable[Any]) -> None:
     allowed = tuple(allowed)
     # The type must match too: 3.0 == 3 and True == 1 in Python, but neither is a kernel size.
-    if value not in allowed or type(value) not in {type(a) for a in allowed}:
-        shown = repr(value) if isinstance(value, str) else value
-        raise SpecError(path, f"{shown} is not one of {fmt_choices(allowed)}")
+    if type(value) not in {type(a) for a in allowed} or value not in allowed:
+        raise SpecError(path, f"{shown(value)} is not one of {fmt_choices(allowed)}")
 
 
 @dataclass(frozen=True)
@@ -132,9 +155,14 @@ def check_choices(obj: Any) -> None:
             check_choice(name if i is None else f"{name}[{i}]", v, allowed)
 
 
-def check_positive(path: str, value: int | float) -> None:
-    if value <= 0:
-        raise SpecError(path, f"{value} must be positive")
+def check_positive(path: str, value: int | float, limit: int | float | None = None) -> None:
+    """``value`` > 0, finite, and at most ``limit`` when given."""
+    if isinstance(value, float) and not math.isfinite(value):
+        raise SpecError(path, f"{shown(value)} is not a finite number")
+    if not value > 0:
+        raise SpecError(path, f"{shown(value)} must be positive")
+    if limit is not None and value > limit:
+        raise SpecError(path, f"{shown(value)} is over the limit of {limit:,}")
 
 
 def _read(tp: Any, value: Any, path: str) -> Any:
@@ -174,6 +202,8 @@ def _read(tp: Any, value: Any, path: str) -> Any:
     if tp is float:
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise SpecError(path, f"expected a number, got {_type_name(value)}")
+        if not math.isfinite(value):
+            raise SpecError(path, f"{shown(value)} is not a finite number")
         return float(value)
     if tp is str:
         if not isinstance(value, str):
@@ -225,8 +255,11 @@ def _construct_mapping(loader: _UniqueKeyLoader, node: yaml.MappingNode, deep: b
     seen = set()
     for key_node, _ in node.value:
         key = loader.construct_object(key_node, deep=deep)  # type: ignore[no-untyped-call]
+        mark = key_node.start_mark
+        if not isinstance(key, (str, int, float, bool)) and key is not None:
+            raise yaml.constructor.ConstructorError(None, None, f"a key must be a plain value, not "
+                                                    f"{_type_name(key)} (line {mark.line + 1})", mark)
         if key in seen:
-            mark = key_node.start_mark
             raise yaml.constructor.ConstructorError(
                 None, None, f"duplicate key {key!r} (line {mark.line + 1})", mark)
         seen.add(key)
@@ -240,9 +273,12 @@ def read_yaml(path: str | os.PathLike[str], what: str) -> Any:
     """Safely parse a YAML file; any problem is a :class:`SpecError` naming the file."""
     p = Path(path)
     try:
-        size = p.stat().st_size
+        st = p.stat()
+        size = st.st_size
         if p.is_dir():
             raise SpecError("", source=str(p), message=f"is a directory, not a {what} file")
+        if not stat.S_ISREG(st.st_mode):  # a FIFO or /dev/urandom would hang or never end
+            raise SpecError("", source=str(p), message=f"is not a regular file, so not a {what} file")
         if size > MAX_FILE_BYTES:
             limit = f"the {MAX_FILE_BYTES} byte limit for a {what}"
             raise SpecError("", source=str(p), message=f"{size} bytes is over {limit}")
@@ -259,10 +295,31 @@ def read_yaml(path: str | os.PathLike[str], what: str) -> Any:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise SpecError("", source=str(p), message=f"not valid YAML{where}: {problem}") from None
+        raise SpecError("", source=str(p), message=f"not valid YAML{where}: {cut(problem, 200)}") from None
+    except RecursionError:
+        raise SpecError("", source=str(p), message=f"nested too deeply for a {what}") from None
+    except ValueError as e:  # an integer of more than Python's 4,300 digits
+        raise SpecError("", source=str(p), message=f"not valid YAML: {cut(str(e), 200)}") from None
     if data is None:
         raise SpecError("", source=str(p), message=f"empty file, expected a {what}")
+    _check_size(data, what, str(p))
     return data
+
+
+def _check_size(data: Any, what: str, source: str) -> None:
+    """Refuse documents too nested or, after YAML aliases are expanded, too large (a few lines of aliases can stand
+    for millions of values), walking without recursion."""
+    stack, count = [(data, 0)], 0
+    while stack:
+        value, depth = stack.pop()
+        count += 1
+        if count > MAX_VALUES:
+            raise SpecError("", source=source, message=f"more than {MAX_VALUES:,} values (after YAML aliases are "
+                                                       f"expanded): too large for a {what}")
+        if depth > MAX_NESTING:
+            raise SpecError("", source=source, message=f"nested more than {MAX_NESTING} levels deep: not a {what}")
+        children = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
+        stack.extend((c, depth + 1) for c in children)
 
 
 def write_atomic(path: str | os.PathLike[str], write: Callable[[Path], object]) -> None:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import random
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from importlib import resources
@@ -20,7 +21,18 @@ from typing import Any, Literal, TypeVar
 
 from torchvision.models._utils import _make_divisible
 
-from nas._schema import SpecError, check_choice, check_choices, check_positive, from_data, read_yaml
+from nas._schema import (
+    MAX_BLOCKS,
+    MAX_CHANNELS,
+    MAX_CLASSES,
+    SpecError,
+    check_choice,
+    check_choices,
+    check_positive,
+    from_data,
+    read_yaml,
+    shown,
+)
 from nas.registry import Activation, BlockKernel, cost_order
 from nas.spec import (
     BatchNormSpec,
@@ -37,17 +49,24 @@ from nas.spec import (
 )
 
 T = TypeVar("T")
+MAX_DEPTH = 32  # blocks per stage
+MAX_EXPANSION = 64.0  # expansion ratio
+MAX_OPTIONS = 64  # choices listed for one decision
+NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}")  # a space's name names its files (supernets, tables)
 Pick = Callable[[str, Sequence[Any]], Any]
 
 
-def _check_options(path: str, options: Sequence[Any], positive: bool = True) -> None:
+def _check_options(path: str, options: Sequence[Any], limit: float | None = None) -> None:
+    """A non-empty list of distinct choices; numbers positive, finite and at most ``limit`` when one is given."""
     if not options:
         raise SpecError(path, "must list at least one choice")
+    if len(options) > MAX_OPTIONS:
+        raise SpecError(path, f"{len(options):,} choices is over the limit of {MAX_OPTIONS}")
     if len(set(options)) != len(options):
-        raise SpecError(path, f"lists a choice twice: {list(options)}")
+        raise SpecError(path, f"lists a choice twice: {shown(list(options))}")
     for i, v in enumerate(options):
-        if positive:
-            check_positive(f"{path}[{i}]", v)
+        if limit is not None:
+            check_positive(f"{path}[{i}]", v, limit)
 
 
 def expanded_width(in_channels: int, ratio: float) -> int:
@@ -70,11 +89,13 @@ class StageSpace:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        for name in ("depth", "width", "expand_ratio", "expanded_channels"):
+        limits = {"depth": MAX_DEPTH, "width": MAX_CHANNELS, "expand_ratio": MAX_EXPANSION,
+                  "expanded_channels": MAX_CHANNELS}
+        for name, limit in limits.items():
             if getattr(self, name) is not None:
-                _check_options(name, getattr(self, name))
+                _check_options(name, getattr(self, name), limit)
         for name in ("kernel", "activation", "se"):  # kernel and activation values: check_choices above
-            _check_options(name, getattr(self, name), positive=False)
+            _check_options(name, getattr(self, name))
         for i, v in enumerate(self.se):
             check_choice(f"se[{i}]", v, (False, True))
         if (self.expand_ratio is None) == (self.expanded_channels is None):
@@ -96,7 +117,7 @@ class LastConvSpace:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        _check_options("out_channels", self.out_channels)
+        _check_options("out_channels", self.out_channels, MAX_CHANNELS)
 
 
 @dataclass(frozen=True)
@@ -110,7 +131,7 @@ class ClassifierSpace:
     def __post_init__(self) -> None:
         check_choices(self)
         if self.hidden is not None:
-            _check_options("hidden", self.hidden)
+            _check_options("hidden", self.hidden, MAX_CHANNELS)
         ClassifierSpec(None if self.hidden is None else 1, self.activation, self.dropout)  # a spec's checks
 
     def options(self) -> tuple[int | None, ...]:
@@ -132,9 +153,15 @@ class SearchSpace:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        check_positive("num_classes", self.num_classes)
+        check_positive("num_classes", self.num_classes, MAX_CLASSES)
+        if not NAME.fullmatch(self.name):
+            raise SpecError("name", f"{shown(self.name)} is not a safe file name: up to 64 letters, digits, '.', '_' "
+                                    "or '-', starting with a letter or digit")
         if not self.stages:
             raise SpecError("stages", "must list at least one stage")
+        if sum(max(s.depth) for s in self.stages) > MAX_BLOCKS:
+            raise SpecError("stages", f"the deepest member would have {sum(max(s.depth) for s in self.stages):,} "
+                                      f"blocks, over the limit of {MAX_BLOCKS}")
 
     # -- the one walker -------------------------------------------------------------------------------------------
 

@@ -20,7 +20,19 @@ from typing import Any, Literal
 
 from torchvision.models._utils import _make_divisible
 
-from nas._schema import SpecError, check_choices, check_positive, from_data, read_yaml, to_data, write_yaml_atomic
+from nas._schema import (
+    MAX_BLOCKS,
+    MAX_CHANNELS,
+    MAX_CLASSES,
+    MAX_RESOLUTION,
+    SpecError,
+    check_choices,
+    check_positive,
+    from_data,
+    read_yaml,
+    to_data,
+    write_yaml_atomic,
+)
 from nas.registry import Activation, BlockKernel, StemKernel
 
 FORMAT_VERSION = 1
@@ -34,8 +46,8 @@ class InputSpec:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        check_positive("resolution", self.resolution)
-        check_positive("channels", self.channels)
+        check_positive("resolution", self.resolution, MAX_RESOLUTION)
+        check_positive("channels", self.channels, 64)
 
 
 @dataclass(frozen=True)
@@ -47,7 +59,7 @@ class StemSpec:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        check_positive("out_channels", self.out_channels)
+        check_positive("out_channels", self.out_channels, MAX_CHANNELS)
 
 
 @dataclass(frozen=True)
@@ -68,8 +80,9 @@ class BlockSpec:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        for name in ("in_channels", "expanded_channels", "out_channels", "dilation"):
-            check_positive(name, getattr(self, name))
+        for name in ("in_channels", "expanded_channels", "out_channels"):
+            check_positive(name, getattr(self, name), MAX_CHANNELS)
+        check_positive("dilation", self.dilation, 16)
 
     @property
     def has_expand(self) -> bool:
@@ -97,7 +110,7 @@ class LastConvSpec:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        check_positive("out_channels", self.out_channels)
+        check_positive("out_channels", self.out_channels, MAX_CHANNELS)
 
 
 @dataclass(frozen=True)
@@ -112,7 +125,7 @@ class ClassifierSpec:
     def __post_init__(self) -> None:
         check_choices(self)
         if self.hidden is not None:
-            check_positive("hidden", self.hidden)
+            check_positive("hidden", self.hidden, MAX_CHANNELS)
         if (self.hidden is None) != (self.activation is None):
             raise SpecError("activation", "must be null exactly when hidden is null (no hidden layer)")
         if not 0.0 <= self.dropout < 1.0:
@@ -148,9 +161,11 @@ class NetworkSpec:
 
     def __post_init__(self) -> None:
         check_choices(self)
-        check_positive("num_classes", self.num_classes)
+        check_positive("num_classes", self.num_classes, MAX_CLASSES)
         if not self.blocks:
             raise SpecError("blocks", "must list at least one block")
+        if len(self.blocks) > MAX_BLOCKS:
+            raise SpecError("blocks", f"{len(self.blocks):,} blocks is over the limit of {MAX_BLOCKS}")
         if not isinstance(self.metadata, types.MappingProxyType):
             object.__setattr__(self, "metadata", types.MappingProxyType(dict(self.metadata)))
         previous, where = self.stem.out_channels, "stem.out_channels"

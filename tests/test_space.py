@@ -95,7 +95,7 @@ BASE: dict[str, Any] = yaml.safe_load(
     (Path(__file__).parents[1] / "search_spaces" / "mobilenetv3_compact.yaml").read_text())
 
 
-@pytest.mark.parametrize(("edit", "expected"), [
+BAD_SPACES: list[tuple[Any, str]] = [
     (lambda d: d["stages"][1].update(kernel=[3, 4]), "stages[1].kernel[1]: 4 is not one of 3, 5, 7"),
     (lambda d: d["stages"][1].update(kernel=[]), "stages[1].kernel: must list at least one choice"),
     (lambda d: d["stages"][2].update(depth=[0, 1]), "stages[2].depth[0]: 0 must be positive"),
@@ -115,7 +115,11 @@ BASE: dict[str, Any] = yaml.safe_load(
     (lambda d: d["classifier"].update(dropout=2.0), "classifier.dropout: 2.0 is not in [0, 1)"),
     (lambda d: d.update(reference="mobilenet_v3_small"), "reference: mobilenet_v3_small is not a member: input: "),
     (lambda d: d.update(reference="nope.yaml"), "reference: nope.yaml: no such file"),
-])
+]
+BAD_SPACE_EDITS = [edit for edit, _ in BAD_SPACES]
+
+
+@pytest.mark.parametrize(("edit", "expected"), BAD_SPACES)
 def test_bad_spaces_name_the_field(edit: Any, expected: str, tmp_path: Path) -> None:
     import copy
     data = copy.deepcopy(BASE)
