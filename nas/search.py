@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import fcntl
 import hashlib
 import sys
@@ -230,7 +231,7 @@ def _run_search(config: SearchConfig, progress: bool, prepared: Prepared | None,
     completed = _count(study, (optuna.trial.TrialState.COMPLETE,))
     bar = tqdm(total=config.budget, initial=min(completed, config.budget), desc=f"search {config.name}",
                unit="trial", disable=not progress, dynamic_ncols=True)
-    start, ran = time.perf_counter(), 0
+    start, ran, adopted = time.perf_counter(), 0, set[int]()
     # The best feasible accuracy for the bar, kept here: study.best_trials per trial would cost as much as
     # scoring the architecture.
     done = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)) if feasible(t)]
@@ -241,12 +242,21 @@ def _run_search(config: SearchConfig, progress: bool, prepared: Prepared | None,
             if ran % 10 == 0:  # a killed worker's trial frees its budget slot within a few trials
                 optuna.storages.fail_stale_trials(study)
             with budget_lock(storage, config.storage_url, config.name):
-                states = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.RUNNING,
-                          optuna.trial.TrialState.WAITING)
-                if _count(study, states) >= config.budget:
+                complete = _count(study, (optuna.trial.TrialState.COMPLETE,))
+                in_flight = _count(study, (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING))
+                trial = None if complete + in_flight >= config.budget else study.ask()
+                if trial is not None:  # a heartbeat at once, in the lock: a worker killed from here on is failed
+                    trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+                    storage.record_heartbeat(trial_id)
+            if trial is None:
+                if complete >= config.budget:
                     break
-                trial = study.ask()
-            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
+                # Other workers hold the last slots. Stay until they finish them, or until a dead one's trial is
+                # failed (after its missed heartbeats) and frees its slot: survivors end with exactly the budget.
+                time.sleep(HEARTBEAT_S / 2)
+                _adopt_orphans(study, storage, adopted)
+                optuna.storages.fail_stale_trials(study)
+                continue
             with _Heartbeat(storage, trial_id):
                 values = _evaluate(trial, p, scored)
             study.tell(trial, values)
@@ -339,6 +349,17 @@ def _record(study: optuna.Study, config: SearchConfig, p: Prepared) -> StudyReco
     record.save(study)
     # Workers starting together may each store a record: all of them continue with the one stored last.
     return StudyRecord.load(study)
+
+
+def _adopt_orphans(study: optuna.Study, storage: optuna.storages.RDBStorage, adopted: set[int]) -> None:
+    """Give one heartbeat to each trial RUNNING for longer than the grace period, once. Optuna fails only trials whose
+    heartbeat went stale, never one without any (a worker killed between ask and its first beat, or by an older nas);
+    after this beat such a trial goes stale and is failed. A live trial is unharmed: its own thread beats on."""
+    oldest = datetime.datetime.now() - datetime.timedelta(seconds=2 * HEARTBEAT_S)
+    for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        if t._trial_id not in adopted and t.datetime_start is not None and t.datetime_start < oldest:
+            storage.record_heartbeat(t._trial_id)
+            adopted.add(t._trial_id)
 
 
 def _count(study: optuna.Study, states: tuple[optuna.trial.TrialState, ...]) -> int:

@@ -202,6 +202,20 @@ def test_a_search_killed_mid_trial_resumes_to_its_budget(work: Path) -> None:
     assert all(after[n] == "FAIL" for n in running) and "RUNNING" not in after.values()
 
 
+def test_a_trial_orphaned_before_its_first_heartbeat_is_failed_and_the_budget_is_exact(work: Path) -> None:
+    db = work / "results" / "orphan" / "study.db"
+    r = nas_cmd("search", "--budget", "3", "--study-name", "orphan", *FAST, cwd=work)
+    assert r.returncode == 0, r.stderr
+    # A worker killed between study.ask() and its first heartbeat leaves exactly this: a RUNNING trial, no beat.
+    study = optuna.load_study(study_name="orphan", storage=open_storage(f"sqlite:///{db}"))
+    orphan = study.ask()
+    r = nas_cmd("search", "--budget", "6", "--study-name", "orphan", *FAST, cwd=work)
+    assert r.returncode == 0, r.stderr
+    after = dict(states(db, "orphan"))
+    assert after[orphan.number] == "FAIL" and sum(s == "COMPLETE" for s in after.values()) == 6
+    assert "RUNNING" not in after.values()
+
+
 def test_bad_search_flags_are_one_line_errors(work: Path) -> None:
     for args, expected in ((["--sampler", "cmaes"], "error: nas search: argument --sampler: invalid choice"),
                            (["--storage", "mysql://x"], "error: --storage: 'mysql://x': only sqlite"),
