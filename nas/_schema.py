@@ -14,6 +14,7 @@ naming the field; the reader prefixes the path of the enclosing object.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -322,14 +323,65 @@ def _check_size(data: Any, what: str, source: str) -> None:
         stack.extend((c, depth + 1) for c in children)
 
 
+TEMP_SUFFIX = ".tmp"
+
+
 def write_atomic(path: str | os.PathLike[str], write: Callable[[Path], object]) -> None:
     """Call ``write(tmp)`` on a temporary file beside ``path``, then rename it over ``path``: readers (and a
-    run killed half-way) never see half a file. Every file this project writes goes through here."""
+    run killed half-way) never see half a file. Every file this project writes goes through here. A failure
+    (permission, a full disk) removes the temporary file and is a SpecError naming ``path``."""
     p = Path(path)
-    p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    write(tmp)
-    os.replace(tmp, p)
+    tmp = p.with_name(f".{p.name}.{os.getpid()}{TEMP_SUFFIX}")
+    try:
+        p.parent.mkdir(parents=True, exist_ok=True)
+        write(tmp)
+        os.replace(tmp, p)
+    except (OSError, RuntimeError) as e:  # torch.save reports a failed write as a RuntimeError naming no file
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise SpecError("", f"cannot write it: {_reason(e)}", source=str(p)) from None
+
+
+def _reason(e: BaseException) -> str:
+    return cut(e.strerror if isinstance(e, OSError) and e.strerror else str(e).splitlines()[0] if str(e) else
+               type(e).__name__, 200)
+
+
+def ensure_writable(folder: str | os.PathLike[str], what: str) -> Path:
+    """Create ``folder`` if needed and prove a file can be written there, before any expensive step."""
+    p = Path(folder)
+    probe = p / f".write-probe.{os.getpid()}{TEMP_SUFFIX}"
+    try:
+        p.mkdir(parents=True, exist_ok=True)
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise SpecError("", f"cannot write the {what} there: {_reason(e)}", source=str(p)) from None
+    return p
+
+
+def sweep_temp(folder: str | os.PathLike[str]) -> int:
+    """Remove temporary files that killed processes left under ``folder`` (``.NAME.PID.tmp`` of a PID no longer
+    running); returns how many."""
+    removed = 0
+    for tmp in Path(folder).rglob(f".*{TEMP_SUFFIX}"):
+        pid = tmp.name[:-len(TEMP_SUFFIX)].rsplit(".", 1)[-1]
+        if not pid.isdigit() or _alive(int(pid)):
+            continue
+        with contextlib.suppress(OSError):
+            tmp.unlink() if tmp.is_file() else None
+            removed += 1
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def write_yaml_atomic(data: Any, path: str | os.PathLike[str], header: str = "") -> None:

@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from nas._schema import SpecError, results_root
+from nas._schema import SpecError, results_root, sweep_temp
 
 EXIT_USAGE = 2  # bad input of any kind: flags, files, specs
 
@@ -433,12 +433,17 @@ def make_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = make_parser().parse_args(argv)
     try:
+        if "results" in vars(args) and results_root(args.results).is_dir():
+            sweep_temp(results_root(args.results))  # what killed runs left half-written
         return COMMANDS[args.command].run(args)
     except SpecError as e:
         if not e.source and e.path in args._flags:  # a field of a library call: show the flag that set it
             e = SpecError(args._flags[e.path], e.message)
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
+    except OSError as e:  # one not caught where it happened: still one line, naming the file
+        print(f"error: {e.filename or ''}: {e.strerror or e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -23,7 +23,7 @@ import plotly.graph_objects as go
 import torch
 from tqdm import tqdm
 
-from nas._schema import SpecError, write_atomic
+from nas._schema import SpecError, ensure_writable, write_atomic
 from nas.latency import measure
 from nas.model import build_model
 from nas.registry import ACTIVATIONS
@@ -222,8 +222,9 @@ def history_figure(report: Report) -> go.Figure:
 def export_specs(report: Report, out: str | os.PathLike[str], top: int | None = None) -> list[Path]:
     """Write the ranked Pareto specs to ``out`` (replacing its YAML files as a whole)."""
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    ensure_writable(out.parent, "specs")
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700; the specs are for everyone who can read the results
     names = []
     for e in report.pareto[:top]:
         name = f"rank{e.rank:02d}-trial{e.trial:04d}.yaml"
@@ -243,6 +244,12 @@ def export_specs(report: Report, out: str | os.PathLike[str], top: int | None = 
             shutil.rmtree(old, ignore_errors=True)
         return names
     raise SpecError("", "could not replace it: another process keeps writing there", source=str(out))
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def write_report(report: Report, study: optuna.Study, out_dir: str | os.PathLike[str]) -> dict[str, Path]:

@@ -29,7 +29,7 @@ import optuna
 import torch
 from tqdm import tqdm
 
-from nas._schema import SpecError
+from nas._schema import SpecError, ensure_writable
 from nas.data import DataSplit, load_for
 from nas.latency import Predictor, calibrate, load_predictor, resolve_device
 from nas.space import SearchSpace, load_space
@@ -212,6 +212,7 @@ def _run_search(config: SearchConfig, progress: bool, prepared: Prepared | None,
             return SearchOutcome(study, existing, config, done, False, 0.0, 0)
     elif config.budget == 0:
         raise _nothing_to_do(config)
+    ensure_writable(config.results_dir, "results")  # before the supernet trains, not after
     p = prepared or prepare(config, progress=progress)
     study = optuna.create_study(study_name=config.name, storage=storage, directions=["maximize", "minimize"],
                                 sampler=make_sampler(config.sampler, config.seed), load_if_exists=True)

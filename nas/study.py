@@ -16,7 +16,7 @@ from typing import Any
 
 import optuna
 
-from nas._schema import SpecError, from_data, results_root, to_data
+from nas._schema import SpecError, ensure_writable, from_data, results_root, to_data
 from nas.latency import Fingerprint, check_device
 from nas.spec import NetworkSpec, spec_from_dict, spec_to_dict
 from nas.train import TrainSettings
@@ -217,7 +217,9 @@ def open_storage(url: str) -> optuna.storages.RDBStorage:
     if db is None and not url.startswith("postgresql"):
         raise SpecError("storage", f"{url!r}: only sqlite:///PATH and postgresql://... are supported")
     if db is not None:
-        db.parent.mkdir(parents=True, exist_ok=True)
+        ensure_writable(db.parent, "study database")
+        if db.exists() and not os.access(db, os.W_OK):
+            raise SpecError("", "cannot write the study database: it is read-only", source=str(db))
     from sqlalchemy.exc import DBAPIError
 
     for attempt in range(6):

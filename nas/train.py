@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from nas._schema import SpecError, digest, results_root, to_data, write_atomic
+from nas._schema import SpecError, digest, ensure_writable, results_root, to_data, write_atomic
 from nas.data import DataSplit, check_classes
 from nas.space import SearchSpace
 from nas.spec import NetworkSpec
@@ -107,6 +107,7 @@ def fit(model: nn.Module, data: DataSplit, settings: TrainSettings, step: Step, 
 
     ``step`` computes the loss of a batch and calls ``backward``; returns (history, reused).
     """
+    ensure_writable(path.parent, "checkpoint")  # before the first epoch, not after it
     opt = _optimizer(model, settings, params)
     steps_per_epoch = len(data.train) // settings.batch_size
     if steps_per_epoch < 1:

@@ -70,6 +70,9 @@ def test_search_writes_specs_csv_and_plots(work: Path) -> None:
         trials.columns)
     specs = sorted((out / "specs").glob("*.yaml"))
     assert specs and len(specs) == int((trials["pareto"] & trials["feasible"]).sum())
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (out / "specs").stat().st_mode & 0o777 == 0o777 & ~umask  # a normal folder, not mkdtemp's 0700
     accs = []
     for path in specs:
         spec = nas.load_spec(path)

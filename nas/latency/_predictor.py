@@ -27,7 +27,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from nas._schema import SpecError, digest, results_root, to_data, write_json_atomic
+from nas._schema import SpecError, digest, ensure_writable, results_root, to_data, write_json_atomic
 from nas.latency._measure import (
     busy_share,
     median_of_rounds,
@@ -386,4 +386,5 @@ def load_predictor(space: SearchSpace, *, device: str = "cpu", threads: int | No
     path = table_path(space, fp, root)
     if path.exists() and not rebuild:
         return load_table(path, space, fp, force=force)
+    ensure_writable(path.parent, "latency table")  # before measuring for a minute, not after
     return profile(space, device=device, threads=threads, batch_size=batch_size, progress=progress).save(path)
