@@ -24,6 +24,7 @@ import time
 import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 
 import optuna
 import torch
@@ -202,6 +203,36 @@ def _run_search(config: SearchConfig, progress: bool, prepared: Prepared | None,
     db = sqlite_path(config.storage_url)
     if config.budget == 0 and db is not None and not db.exists():  # refused before a database file is made
         raise _nothing_to_do(config)
+    if prepared is None:
+        load_space(config.space)  # a bad space fails here, before a database is made for it
+    new_db = db is not None and not db.exists()
+    try:
+        return _search(config, progress, prepared, stop)
+    except BaseException:
+        if new_db and db is not None:  # no stub study.db from a start that failed before any trial
+            _remove_if_empty(db, config.name)
+        raise
+
+
+def _remove_if_empty(db: Path, study_name: str) -> None:
+    try:
+        storage = open_storage(f"sqlite:///{db}")
+        study = optuna.load_study(study_name=study_name, storage=storage)
+        if study.get_trials(deepcopy=False):
+            return
+    except (KeyError, SpecError):
+        pass  # no study made yet
+    else:
+        storage.engine.dispose()
+    with contextlib.suppress(OSError):  # cleaning up after a failure must not hide the failure
+        for path in (db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm"),
+                     db.with_name(f"{db.name}.{study_name}.lock")):
+            path.unlink(missing_ok=True)
+        db.parent.rmdir()  # only when empty
+
+
+def _search(config: SearchConfig, progress: bool, prepared: Prepared | None, stop: threading.Event
+            ) -> SearchOutcome:
     storage = open_storage(config.storage_url)  # first: a bad URL or an unreachable server fails fast
     existing = _stored_record(storage, config.name)
     if existing is not None:  # a continued study with other settings is refused before the supernet trains

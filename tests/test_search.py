@@ -154,6 +154,9 @@ def test_a_run_with_another_seed_is_refused_before_training(work: Path) -> None:
     assert r.returncode == 2 and r.stderr.startswith(
         "error: --study-name: study 'mobilenetv3_compact-digits' was run with seed 0, this run has 1"), r.stderr
     assert set((work / "results" / "supernets").iterdir()) == supernets  # no supernet trained for seed 1
+    r = nas_cmd("search", "--dataset", "nope", "--study-name", "stub", *FAST, cwd=work)
+    assert r.returncode == 2 and r.stderr.startswith("error: --dataset: 'nope' is not one of"), r.stderr
+    assert not (work / "results" / "stub").exists()  # no stub study.db left by the failed start
     r = nas_cmd("search", "--budget", "0", "--study-name", "nothing", *FAST, cwd=work)
     assert r.returncode == 2 and r.stderr == ("error: --budget: 0, and there is no study 'nothing' to report: nothing "
                                               "to do\n")
