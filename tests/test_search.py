@@ -1,6 +1,7 @@
 """End-to-end search: outputs, resume, Ctrl-C, kill -9, reports from storage, and distributed workers."""
 
 import os
+import random
 import signal
 import subprocess
 import sys
@@ -170,8 +171,6 @@ def test_repeated_architectures_reuse_their_values_and_workers_draw_their_own_st
     config = SearchConfig(study_name="dups", storage=f"sqlite:///{tmp_path / 'study.db'}", seed=5)
     storage = open_storage(config.storage_url)
     study = optuna.create_study(study_name="dups", storage=storage, directions=["maximize", "minimize"])
-    import random
-
     from nas.spec import spec_to_dict
     specs = [space.sample(random.Random(i)) for i in range(3)]
     for i, (spec, acc) in enumerate([(specs[0], 0.5), (specs[1], 0.6), (specs[0], 0.7)]):
@@ -295,3 +294,40 @@ def test_two_postgres_workers_share_one_budget_exactly(work: Path) -> None:
     # Each worker drew its own sampler stream, and a repeat reused the values instead of being scored again.
     scored = [trial_spec(t) for t in trials if "duplicate_of" not in t.user_attrs]
     assert len(scored) - len(set(scored)) <= 1  # only a race (two workers meeting one new architecture) repeats
+
+
+@pytest.mark.skipif(not POSTGRES, reason="NAS_TEST_POSTGRES_URL is not set (.ci/run starts PostgreSQL and sets it)")
+def test_three_postgres_workers_one_killed_end_with_exactly_the_budget(work: Path) -> None:
+    assert POSTGRES is not None
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    prep = nas_cmd("search", "--budget", "1", "--study-name", "prep-1thread", *FAST, cwd=work, env=env)
+    assert prep.returncode == 0, prep.stderr
+    name = f"kill-{uuid.uuid4().hex[:8]}"
+    storage = open_storage(POSTGRES)
+    args = ["search", "--budget", "60", "--study-name", name, "--storage", POSTGRES, *FAST]
+    workers = [start(*args, cwd=work, env=env) for _ in range(3)]
+    # Kill one worker at a random point of the search, once the study holds a few trials.
+    rng = random.Random()
+    deadline, victim, when = time.monotonic() + 300, workers[rng.randrange(3)], rng.randint(5, 40)
+    while time.monotonic() < deadline:
+        try:
+            trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+        except KeyError:
+            trials = []
+        if len(trials) >= when:
+            break
+        time.sleep(0.2)
+    victim.send_signal(signal.SIGKILL)
+    victim.wait()
+    # And leave a trial exactly as a worker killed between ask() and its first heartbeat would.
+    orphan = optuna.load_study(study_name=name, storage=storage).ask()
+    for w in workers:
+        if w is not victim:
+            _, err = w.communicate(timeout=600)
+            assert w.returncode == 0, err
+    trials = optuna.load_study(study_name=name, storage=storage).get_trials(deepcopy=False)
+    by_state = {s: [t for t in trials if t.state.name == s] for s in ("COMPLETE", "FAIL", "RUNNING")}
+    assert len(by_state["COMPLETE"]) == 60 and not by_state["RUNNING"]
+    assert orphan.number in {t.number for t in by_state["FAIL"]}
+    scored = [trial_spec(t) for t in by_state["COMPLETE"] if "duplicate_of" not in t.user_attrs]
+    assert len(scored) - len(set(scored)) <= 1  # three workers, budget 60: at most one architecture scored twice
