@@ -79,7 +79,9 @@ def hypervolume(points: list[tuple[float, float]], limit_ms: float) -> float:
     [0, limit], normalised so 1.0 is a perfect network at zero latency."""
     from optuna._hypervolume import compute_hypervolume  # Optuna's exact WFG; no public alias in 5.x
 
-    losses = np.array([(-a, ms / limit_ms) for a, ms in points], dtype=float)
+    # min(): a feasible point can only lie beyond the limit if a study's runs disagreed on it (workers of older
+    # versions stored records concurrently); it counts as at the limit rather than breaking the report.
+    losses = np.array([(-a, min(ms / limit_ms, 1.0)) for a, ms in points], dtype=float)
     if len(losses) == 0:
         return 0.0
     return float(compute_hypervolume(losses, np.array([0.0, 1.0])))

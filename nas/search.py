@@ -249,7 +249,8 @@ def _search(config: SearchConfig, progress: bool, prepared: Prepared | None, sto
                                 sampler=make_sampler(config.sampler, config.seed), load_if_exists=True)
     if study.metric_names is None:
         study.set_metric_names(list(METRIC_NAMES))
-    record = _record(study, config, p)
+    with budget_lock(storage, config.storage_url, config.name):  # workers starting together agree on one record
+        record = _record(study, config, p)
     if (record.latency_drift, record.latency_limit_ms) != (p.predictor.drift, p.limit_ms):
         if progress:
             print(f"this study continues with its recorded latency drift x{record.latency_drift:.3f} and limit "
@@ -379,8 +380,7 @@ def _record(study: optuna.Study, config: SearchConfig, p: Prepared) -> StudyReco
         predicted = p.predictor.with_drift(record.latency_drift).predict(p.reference)
         record = dataclasses.replace(record, reference=Reference(p.reference, acc, predicted))
     record.save(study)
-    # Workers starting together may each store a record: all of them continue with the one stored last.
-    return StudyRecord.load(study)
+    return record
 
 
 def _adopt_orphans(study: optuna.Study, storage: optuna.storages.RDBStorage, adopted: set[int]) -> None:
