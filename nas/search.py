@@ -30,7 +30,7 @@ import optuna
 import torch
 from tqdm import tqdm
 
-from nas._schema import SpecError, ensure_writable
+from nas._schema import SpecError, cut, ensure_writable
 from nas.data import DataSplit, load_for
 from nas.latency import Predictor, calibrate, load_predictor, resolve_device
 from nas.space import SearchSpace, load_space
@@ -291,7 +291,13 @@ def _search(config: SearchConfig, progress: bool, prepared: Prepared | None, sto
                 optuna.storages.fail_stale_trials(study)
                 continue
             with _Heartbeat(storage, trial_id):
-                values = _evaluate(trial, p, scored)
+                try:
+                    values = _evaluate(trial, p, scored)
+                except Exception as e:  # failed, not left RUNNING; and the run says why it cannot reach the budget
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    raise SpecError("", f"trial {trial.number} failed ({type(e).__name__}: {cut(str(e))}), so this "
+                                        f"run stops at {complete} of {config.budget} complete trials; rerun to "
+                                        "continue once the cause is fixed", source=f"study {config.name}") from e
             study.tell(trial, values)
             ran += 1
             bar.update()

@@ -221,6 +221,25 @@ def test_a_trial_orphaned_before_its_first_heartbeat_is_failed_and_the_budget_is
     assert "RUNNING" not in after.values()
 
 
+def test_a_failing_trial_is_failed_and_the_run_says_why_it_stops(work: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import nas.search as search_module
+    from nas.search import SearchConfig, run_search
+    real, calls = search_module.score_subnet, []
+
+    def failing(*args: object, **kwargs: object) -> float:
+        calls.append(1)
+        if len(calls) == 2:  # the reference scores first; the first trial fails
+            raise RuntimeError("out of memory")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(search_module, "score_subnet", failing)
+    config = SearchConfig(budget=3, study_name="boom", results=str(work / "results"), supernet_epochs=1, device="cpu")
+    with pytest.raises(nas.SpecError, match=r"^study boom: trial 0 failed \(RuntimeError: out of memory\), so this run "
+                                            r"stops at 0 of 3 complete trials; rerun to continue"):
+        run_search(config, progress=False)
+    assert dict(states(work / "results" / "boom" / "study.db", "boom")) == {0: "FAIL"}
+
+
 def test_bad_search_flags_are_one_line_errors(work: Path) -> None:
     for args, expected in ((["--sampler", "cmaes"], "error: nas search: argument --sampler: invalid choice"),
                            (["--storage", "mysql://x"], "error: --storage: 'mysql://x': only sqlite"),
