@@ -8,6 +8,7 @@ plotly.js embedded so they open offline).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 import shutil
@@ -120,18 +121,18 @@ def build_report(study: optuna.Study, *, measure_latency: bool = True, remeasure
     for rank, t in enumerate(ranked, start=1):
         spec = trial_spec(t)
         measured = stored.get(t.number)
-        gap = None if measured is None else measured / t.values[1] - 1
-        spec = spec.with_metadata(
+        entry = ParetoEntry(rank, t.number, t.values[0], t.values[1], measured,
+                            sum(p.numel() for p in build_model(spec).parameters()), spec)
+        gap = entry.latency_gap
+        pareto.append(dataclasses.replace(entry, spec=spec.with_metadata(
             origin=f"nas search, study {study.study_name}, trial {t.number}", search_space=record.space_name,
             dataset=record.config.dataset, trial=t.number, rank=rank, proxy_accuracy=round(t.values[0], 6),
             predicted_latency_ms=round(t.values[1], 4),
             measured_latency_ms=None if measured is None else round(measured, 4),
             latency_device=fp.processor, latency_limit_ms=round(limit, 4),
             latency_gap=None if gap is None else round(gap, 4),
-            latency_flag=None if gap is None else (f"measured {gap:+.0%} off predicted: the machine was busy, or "
-                                                   "the table is stale" if abs(gap) > FLAG_GAP else None))
-        params = sum(p.numel() for p in build_model(spec).parameters())
-        pareto.append(ParetoEntry(rank, t.number, t.values[0], t.values[1], measured, params, spec))
+            latency_flag=f"measured {gap:+.0%} off predicted: the machine was busy, or the table is stale"
+            if entry.flagged else None)))
     hv = hypervolume([(t.values[0], t.values[1]) for t in complete if feasible(t)], limit)
     caveats = proxy_caveats([t.values[0] for t in complete], record.num_classes, record.proxy_images)
     return Report(study.study_name, record, trials, tuple(pareto), hv, caveats)

@@ -144,9 +144,7 @@ def prepare(config: SearchConfig, *, progress: bool = True) -> Prepared:
         if progress:
             print(drift.describe(), file=sys.stderr)
         predictor = predictor.with_drift(drift.factor)
-    reference = space.reference_spec()
-    if reference is not None and not space.contains(reference):
-        reference = None
+    reference = space.reference_member()
     if config.latency_ms is not None:
         limit = config.latency_ms
     elif reference is not None:
@@ -234,10 +232,10 @@ def _remove_if_empty(db: Path, study_name: str) -> None:
 def _search(config: SearchConfig, progress: bool, prepared: Prepared | None, stop: threading.Event
             ) -> SearchOutcome:
     storage = open_storage(config.storage_url)  # first: a bad URL or an unreachable server fails fast
-    existing = _stored_record(storage, config.name)
-    if existing is not None:  # a continued study with other settings is refused before the supernet trains
+    stored = _stored_record(storage, config.name)
+    if stored is not None:  # a continued study with other settings is refused before the supernet trains
+        study, existing = stored
         existing.refuse_mismatch(config.name, config_defining(config))
-        study = optuna.load_study(study_name=config.name, storage=storage)
         done = _count(study, (optuna.trial.TrialState.COMPLETE,))
         if done >= config.budget:  # nothing to run: no supernet, data or table is loaded
             return SearchOutcome(study, existing, config, done, False, 0.0, 0)
@@ -358,10 +356,11 @@ def _nothing_to_do(config: SearchConfig) -> SpecError:
     return SpecError("budget", f"0, and there is no study {config.name!r} to report: nothing to do")
 
 
-def _stored_record(storage: optuna.storages.RDBStorage, name: str) -> StudyRecord | None:
-    """The record of study ``name`` if it exists and has one (a study without is judged by _record)."""
+def _stored_record(storage: optuna.storages.RDBStorage, name: str) -> tuple[optuna.Study, StudyRecord] | None:
+    """Study ``name`` and its record, if it exists and has one (a study without is judged by _record)."""
     try:
-        return StudyRecord.load(optuna.load_study(study_name=name, storage=storage))
+        study = optuna.load_study(study_name=name, storage=storage)
+        return study, StudyRecord.load(study)
     except (KeyError, SpecError):
         return None
 

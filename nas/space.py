@@ -283,6 +283,11 @@ class SearchSpace:
         return None if self.reference is None else dataclasses.replace(load_spec(self.reference),
                                                                         num_classes=self.num_classes)
 
+    def reference_member(self) -> NetworkSpec | None:
+        """The reference spec when it is a member of this space (always, for a space read by ``load_space``)."""
+        ref = self.reference_spec()
+        return ref if ref is not None and self.contains(ref) else None
+
     def size(self) -> int:
         """Number of distinct choice combinations (members may coincide when options round alike)."""
         total = 1

@@ -34,9 +34,9 @@ def calibrate(predictor: Predictor, *, rounds: int = 3, seed: int = 0, refuse: b
     table's device, threads and batch size (a second or two), and compare with the table's predictions.
     Refuses (a SpecError saying to rebuild) when the factor is outside ``DRIFT_BAND``, unless not ``refuse``."""
     space, fp = predictor.space, predictor.fingerprint
-    reference = space.reference_spec()
+    reference = space.reference_member()
     rng = random.Random(seed)
-    members = {**({"reference": reference} if reference is not None and space.contains(reference) else {}),
+    members = {**({"reference": reference} if reference is not None else {}),
                "largest": space.largest(), "smallest": space.smallest(),
                "random1": space.sample(rng), "random2": space.sample(rng)}
     start = time.perf_counter()

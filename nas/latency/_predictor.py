@@ -271,8 +271,8 @@ def profile(space: SearchSpace, *, device: str = "cpu", threads: int | None = No
     dev = resolve_device(device)
     layers = space_layers(space)
     rng = random.Random(seed)
-    reference = space.reference_spec()
-    anchors = [space.largest(), space.smallest(), *([reference] if reference and space.contains(reference) else [])]
+    reference = space.reference_member()
+    anchors = [space.largest(), space.smallest(), *([reference] if reference is not None else [])]
     specs = [*anchors, *(space.sample(rng) for _ in range(max(0, fit_networks - len(anchors))))]
     net_kw = {"device": device, "threads": threads, "batch_size": batch_size, "warmup": warmup, "seed": seed}
 

@@ -81,10 +81,9 @@ def validate(predictor: Predictor, space: SearchSpace, *, n: int = 100, seed: in
         raise SpecError("rounds", f"{rounds}: the noise floor needs at least 2")
     rng = random.Random(seed)
     specs: list[NetworkSpec] = [space.sample(rng) for _ in range(n)]
-    reference = space.reference_spec()
-    has_ref = reference is not None and space.contains(reference)
+    reference = space.reference_member()
     fp = predictor.fingerprint
-    timed = [reference, *specs] if has_ref and reference is not None else specs
+    timed = specs if reference is None else [reference, *specs]
     with tqdm(total=rounds * len(timed), desc="measuring", unit="net", disable=not progress, dynamic_ncols=True) as bar:
         times = time_networks(timed, device=fp.device, threads=fp.threads, batch_size=fp.batch_size, rounds=rounds,
                               warmup=3, repeats=10, seed=seed, progress=bar)
@@ -93,13 +92,13 @@ def validate(predictor: Predictor, space: SearchSpace, *, n: int = 100, seed: in
     first_all = [median_of_rounds(net[:half]) for net in times]
     second_all = [median_of_rounds(net[half:]) for net in times]
     predicted_all = [predictor.predict(s) for s in timed]
-    k = 1 if has_ref else 0
+    k = 0 if reference is None else 1  # the reference was timed first
     measured, first, second, predicted = (v[k:] for v in (measured_all, first_all, second_all, predicted_all))
     errors = [(p - m) / m for p, m in zip(predicted, measured, strict=True)]
     spread = [abs(a - b) / a for a, b in zip(first, second, strict=True)]
     order = sorted(range(n), key=lambda i: -abs(errors[i]))[:worst]
     relative: dict[str, Any] = {}
-    if has_ref:
+    if reference is not None:
         rel_err = [(p / predicted_all[0]) / (m / measured_all[0]) - 1 for p, m in zip(predicted, measured, strict=True)]
         rel_noise = [(a / first_all[0]) / (b / second_all[0]) - 1 for a, b in zip(first, second, strict=True)]
         relative = {"relative_within_10": sum(abs(e) <= 0.10 for e in rel_err) / n,
