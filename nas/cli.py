@@ -36,26 +36,44 @@ class Command:
 
 
 def add_fields(p: argparse.ArgumentParser, cls: type, *, only: Sequence[str] | None = None,
-               defaults: dict[str, Any] | None = None) -> None:
+               defaults: dict[str, Any] | None = None, prefix: str = "", exclude: Sequence[str] = ()) -> None:
     """One flag per field of dataclass ``cls`` (``--batch-size`` for ``batch_size``), typed by its annotation, with
-    the field's default (or ``defaults``) and its ``help`` metadata: options are declared once, in the library."""
+    the field's default (or ``defaults``) and its ``help`` metadata: options are declared once, in the library. A
+    field that is itself a dataclass gives one flag per field of it, prefixed (``--supernet-lr``); a boolean
+    gives ``--name`` and ``--no-name``."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
-        if only is not None and f.name not in only:
+        if (only is not None and f.name not in only) or f.name in exclude:
             continue
         tp = hints[f.name]
         if typing.get_origin(tp) in (typing.Union, types.UnionType):  # X | None
             (tp,) = [a for a in typing.get_args(tp) if a is not type(None)]
         default = (defaults or {}).get(f.name, f.default)
+        if dataclasses.is_dataclass(tp):
+            group = p.add_argument_group(f.metadata.get("help") or f.name)
+            add_fields(group, tp, prefix=f"{prefix}{f.name}_", exclude=f.metadata.get("exclude", ()),
+                       defaults=dataclasses.asdict(default))
+            continue
         shown = "" if default is None else f" (default {default})"
-        p.add_argument("--" + f.name.replace("_", "-"), type=tp, default=default,
-                       choices=f.metadata.get("choices"), help=f.metadata.get("help", "") + shown)
+        flag, dest = "--" + (prefix + f.name).replace("_", "-"), prefix + f.name
+        kind = {"action": argparse.BooleanOptionalAction} if tp is bool else {"type": tp}
+        p.add_argument(flag, dest=dest, default=default, choices=f.metadata.get("choices"),
+                       help=f.metadata.get("help", "") + shown, **kind)
 
 
-def field_values(args: argparse.Namespace, cls: type, **overrides: Any) -> dict[str, Any]:
-    """The keyword arguments of ``cls`` that ``args`` holds (see :func:`add_fields`)."""
-    names = {f.name for f in dataclasses.fields(cls)}
-    return {k: v for k, v in vars(args).items() if k in names} | overrides
+def field_values(args: argparse.Namespace, cls: type, prefix: str = "", **overrides: Any) -> dict[str, Any]:
+    """The keyword arguments of ``cls`` that ``args`` holds (see :func:`add_fields`), nested dataclasses built."""
+    hints, values = typing.get_type_hints(cls), vars(args)
+    out: dict[str, Any] = {}
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            try:
+                out[f.name] = hints[f.name](**field_values(args, hints[f.name], prefix=f"{prefix}{f.name}_"))
+            except SpecError as e:  # name the nested field (supernet.epochs), so main() shows its flag
+                raise SpecError(f"{f.name}.{e.path}", e.message) from None
+        elif prefix + f.name in values:
+            out[f.name] = values[prefix + f.name]
+    return out | overrides
 
 
 def _flags(p: argparse.ArgumentParser) -> dict[str, str]:
@@ -103,7 +121,8 @@ def _run_build(args: argparse.Namespace) -> int:
 def _add_data(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dataset", default="digits",
                    help="digits (embedded, default), cifar10, flowers102 or folder:PATH (ImageFolder layout)")
-    p.add_argument("--data-dir", default="data", help="where cifar10 and flowers102 are downloaded (default data/)")
+    p.add_argument("--data-dir", default="data", help="where cifar10 and flowers102 are downloaded, and decoded "
+                                                      "images cached (default data/)")
 
 
 def _add_train_supernet(p: argparse.ArgumentParser) -> None:
@@ -144,8 +163,9 @@ def _run_train_supernet(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - start
     calib = calibration_batches(data, device=device)
     for name, spec in (("largest", space.largest()), ("smallest", space.smallest())):
-        acc = score_subnet(result.supernet, spec, data, calib, device=device)
-        print(f"{name:8s} subnet: {acc:.2%} validation accuracy ({len(data.val)} images, BN recalibrated)")
+        score = score_subnet(result.supernet, spec, data, calib, device=device)
+        print(f"{name:8s} subnet: {score.accuracy:.2%} +- {score.stderr:.2%} validation accuracy "
+              f"({score.images} images, BN recalibrated)")
     how = "reused finished checkpoint" if result.reused else f"trained in {seconds:.0f} s on {device}"
     print(f"supernet: {result.checkpoint} ({how})")
     return 0
@@ -300,7 +320,7 @@ def _run_export(args: argparse.Namespace) -> int:
 
 
 # Stand-alone training's recipe: TrainSettings' fields with defaults for one network (no sandwich subnets).
-_RECIPE = ("epochs", "batch_size", "lr", "seed")
+_RECIPE = ("epochs", "batch_size", "lr", "weight_decay", "augment", "label_smoothing", "seed")
 _RECIPE_DEFAULTS = {"batch_size": 64, "lr": 0.05}
 
 
@@ -357,6 +377,9 @@ def _add_verify(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top", type=_positive_int, default=10,
                    help="distinct architectures to retrain, spanning the feasible front (default 10)")
     _add_recipe(p, 10)
+    p.add_argument("--seeds", type=_positive_int, default=3,
+                   help="train the reference this many times (seeds --seed, +1, ...) to measure the stand-alone "
+                        "recipe's seed-to-seed noise (default 3)")
 
 
 def _run_verify(args: argparse.Namespace) -> int:
@@ -367,7 +390,7 @@ def _run_verify(args: argparse.Namespace) -> int:
     study, _ = load_study(args.study, args.storage, args.results)
     out = results_root(args.results) / args.study
     v = verify(study, top=args.top, settings=_recipe(args), device=str(resolve_device(args.device)),
-               out_dir=out / "verify")
+               out_dir=out / "verify", seeds=args.seeds)
     paths = write_verification(v, out)
     print(v.format())
     print(f"report: {paths['json']}, {paths['html']}")
@@ -437,8 +460,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             sweep_temp(results_root(args.results))  # what killed runs left half-written
         return COMMANDS[args.command].run(args)
     except SpecError as e:
-        if not e.source and e.path in args._flags:  # a field of a library call: show the flag that set it
-            e = SpecError(args._flags[e.path], e.message)
+        dest = e.path.replace(".", "_")  # supernet.lr is set by --supernet-lr (see add_fields)
+        if not e.source and dest in args._flags:  # a field of a library call: show the flag that set it
+            e = SpecError(args._flags[dest], e.message)
         print(f"error: {e}", file=sys.stderr)
         return EXIT_USAGE
     except OSError as e:  # one not caught where it happened: still one line, naming the file

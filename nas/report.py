@@ -14,8 +14,10 @@ import os
 import shutil
 import statistics
 import tempfile
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import optuna
@@ -29,7 +31,15 @@ from nas.latency import measure
 from nas.model import build_model
 from nas.registry import ACTIVATIONS
 from nas.spec import NetworkSpec, save_spec
-from nas.study import Reference, StudyRecord, feasible, store_measurements, stored_measurements, trial_spec
+from nas.study import (
+    LOG_LIKELIHOOD_ATTR,
+    Reference,
+    StudyRecord,
+    feasible,
+    store_measurements,
+    stored_measurements,
+    trial_spec,
+)
 
 FLAG_GAP = 0.25  # a measured-vs-predicted gap beyond this is flagged in the summary, the specs and the plot
 CHANCE_MARGIN = 0.05  # proxy accuracies all this close to chance: the supernet has not learnt (1-epoch CIFAR: 11-14%)
@@ -101,11 +111,12 @@ def build_report(study: optuna.Study, *, measure_latency: bool = True, remeasure
         done = t.state == optuna.trial.TrialState.COMPLETE
         rows.append({"number": t.number, "state": t.state.name,
                      "accuracy": t.values[0] if done else None, "predicted_latency_ms": t.values[1] if done else None,
+                     "log_likelihood": t.user_attrs.get(LOG_LIKELIHOOD_ATTR),
                      "feasible": feasible(t) if t.constraints else None, "pareto": t.number in best,
                      "duration_s": t.duration.total_seconds() if t.duration else None,
                      **{f"params_{k}": v for k, v in t.params.items()}})
     trials = pd.DataFrame(rows, columns=None if rows else ["number", "state", "accuracy", "predicted_latency_ms",
-                                                           "feasible", "pareto", "duration_s"])
+                                                           "log_likelihood", "feasible", "pareto", "duration_s"])
     fp = record.fingerprint
     can_measure = measure_latency and (fp.device == "cpu" or torch.cuda.is_available())
     ranked = sorted((t for t in complete if t.number in best), key=lambda t: (-t.values[0], t.values[1]))
@@ -127,6 +138,7 @@ def build_report(study: optuna.Study, *, measure_latency: bool = True, remeasure
         pareto.append(dataclasses.replace(entry, spec=spec.with_metadata(
             origin=f"nas search, study {study.study_name}, trial {t.number}", search_space=record.space_name,
             dataset=record.config.dataset, trial=t.number, rank=rank, proxy_accuracy=round(t.values[0], 6),
+            proxy_accuracy_stderr=round(record.proxy_stderr(t.values[0]), 6), proxy_images=record.proxy_images,
             predicted_latency_ms=round(t.values[1], 4),
             measured_latency_ms=None if measured is None else round(measured, 4),
             latency_device=fp.processor, latency_limit_ms=round(limit, 4),
@@ -178,12 +190,14 @@ def pareto_figure(report: Report, study: optuna.Study) -> go.Figure:
         part = df[mask]
         fig.add_trace(go.Scatter(
             x=part["predicted_latency_ms"], y=part["accuracy"], mode="markers", name=label, marker=style,
+            error_y=_stderr_bars(report.record, part["accuracy"], style["color"]),
             text=[f"trial {n}<br>{_architecture(trial_spec(complete[n]))}" for n in part["number"]],
             hovertemplate="%{text}<br>%{x:.3f} ms, acc %{y:.4f}<extra></extra>"))
     front = sorted(report.pareto, key=lambda e: e.predicted_ms)
     fig.add_trace(go.Scatter(
         x=[e.predicted_ms for e in front], y=[e.accuracy for e in front], mode="lines+markers",
         name="Pareto-optimal (exported)", line={"shape": "hv"},
+        error_y=_stderr_bars(report.record, [e.accuracy for e in front], "#e45756"),
         marker={"color": "#e45756", "size": 10, "symbol": ["x-open" if e.flagged else "circle" for e in front]},
         text=[f"rank {e.rank}, trial {e.trial}"
               + ("" if e.measured_ms is None else f"<br>measured {e.measured_ms:.3f} ms ({e.latency_gap:+.0%})"
@@ -195,6 +209,7 @@ def pareto_figure(report: Report, study: optuna.Study) -> go.Figure:
         fig.add_trace(go.Scatter(
             x=[ref.predicted_latency_ms], y=[ref.accuracy], mode="markers", name="MobileNetV3 reference",
             marker={"color": "black", "symbol": "star", "size": 16},
+            error_y=_stderr_bars(report.record, [ref.accuracy], "black"),
             text=[_architecture(ref.spec)], hovertemplate="reference<br>%{text}<br>%{x:.3f} ms, "
                                                              "acc %{y:.4f}<extra></extra>"))
     fig.add_vline(x=report.limit_ms, line_dash="dash", line_color="gray",
@@ -203,8 +218,15 @@ def pareto_figure(report: Report, study: optuna.Study) -> go.Figure:
     fig.update_layout(title=f"{report.study}: proxy accuracy vs predicted latency ({r.space_name}, "
                             f"{r.config.dataset}, {r.config.sampler})",
                       xaxis_title=f"predicted latency, ms ({r.fingerprint.processor})",
-                      yaxis_title="validation accuracy through the supernet", template="plotly_white")
+                      yaxis_title="validation accuracy through the supernet (bars: +- 1 standard error)",
+                      template="plotly_white")
     return fig
+
+
+def _stderr_bars(record: StudyRecord, accuracies: Iterable[float], color: str) -> dict[str, Any]:
+    """Plotly error bars of one binomial standard error of each proxy accuracy."""
+    return {"type": "data", "array": [record.proxy_stderr(a) for a in accuracies], "color": color, "thickness": 1,
+            "width": 2, "visible": record.proxy_images is not None}
 
 
 def history_figure(report: Report) -> go.Figure:
@@ -278,6 +300,12 @@ def format_summary(report: Report, paths: dict[str, Path] | None = None, top: in
         r = report.reference
         lines.append(f"reference (MobileNetV3 member): accuracy {r.accuracy:.4f}, predicted "
                      f"{r.predicted_latency_ms:.3f} ms")
+    images = report.record.proxy_images
+    if images:
+        at = report.reference.accuracy if report.reference is not None else float(done["accuracy"].median())
+        lines.append(f"proxy: accuracy through the supernet on {images} validation images, standard error "
+                     f"+-{report.record.proxy_stderr(at):.4f} (at accuracy {at:.4f}); differences below two standard "
+                     "errors are not significant")
     table = pd.DataFrame([{"rank": e.rank, "trial": e.trial, "accuracy": f"{e.accuracy:.4f}",
                            "predicted ms": f"{e.predicted_ms:.3f}",
                            "measured ms": "" if e.measured_ms is None else f"{e.measured_ms:.3f}"

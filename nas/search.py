@@ -38,6 +38,7 @@ from nas.spec import NetworkSpec
 from nas.study import (
     DEFAULT_SAMPLER,
     HEARTBEAT_S,
+    LOG_LIKELIHOOD_ATTR,
     METRIC_NAMES,
     SAMPLERS,
     Reference,
@@ -52,7 +53,7 @@ from nas.study import (
     within_limit,
 )
 from nas.supernet import Supernet
-from nas.train import TrainSettings, calibration_batches, checkpoint_path, score_subnet, train_supernet
+from nas.train import calibration_batches, checkpoint_path, score_subnet, train_supernet
 
 __all__ = ["DEFAULT_SAMPLER", "SAMPLERS", "Prepared", "SearchConfig", "SearchOutcome", "choose", "prepare",
            "run_search"]
@@ -122,7 +123,11 @@ class Prepared:
     device: torch.device
     limit_ms: float
     reference: NetworkSpec | None
-    val_images: int
+    val_images: int | None  # None: the whole validation split
+
+    @property
+    def proxy_images(self) -> int:
+        return len(self.data.val) if self.val_images is None else min(self.val_images, len(self.data.val))
 
 
 def prepare(config: SearchConfig, *, progress: bool = True) -> Prepared:
@@ -130,7 +135,7 @@ def prepare(config: SearchConfig, *, progress: bool = True) -> Prepared:
     device = resolve_device(config.device, "device")
     resolve_device(config.latency_device, "latency_device")  # fail now, naming the right field
     space, data = load_for(load_space(config.space), config.dataset, seed=config.seed, data_dir=config.data_dir)
-    settings = TrainSettings(epochs=config.supernet_epochs, batch_size=config.supernet_batch_size, seed=config.seed)
+    settings = config.supernet_settings
     # The same cache file as 'nas train-supernet' with these settings, so either reuses the other's.
     checkpoint = checkpoint_path(space, data, settings, root=config.results_dir / "supernets")
     trained = train_supernet(space, data, settings, checkpoint=checkpoint, device=device, progress=progress)
@@ -328,15 +333,17 @@ class _Scored:
     again. Indexed incrementally: only trials not seen before are read."""
 
     def __init__(self) -> None:
-        self._values: dict[NetworkSpec, tuple[int, tuple[float, float]]] = {}
+        self._values: dict[NetworkSpec, tuple[int, tuple[float, float], float | None]] = {}
         self._seen: set[int] = set()
 
-    def get(self, study: optuna.Study, spec: NetworkSpec) -> tuple[int, tuple[float, float]] | None:
+    def get(self, study: optuna.Study, spec: NetworkSpec) -> tuple[int, tuple[float, float], float | None] | None:
+        """(trial number, values, log-likelihood) of the trial that scored ``spec`` first, if any."""
         if spec not in self._values:
             for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
                 if t.number not in self._seen:
                     self._seen.add(t.number)
-                    self._values.setdefault(trial_spec(t), (t.number, (t.values[0], t.values[1])))
+                    self._values.setdefault(trial_spec(t), (t.number, (t.values[0], t.values[1]),
+                                                            t.user_attrs.get(LOG_LIKELIHOOD_ATTR)))
         return self._values.get(spec)
 
 
@@ -347,9 +354,12 @@ def _evaluate(trial: optuna.trial.Trial, p: Prepared, scored: _Scored) -> tuple[
     earlier = scored.get(trial.study, spec)
     if earlier is not None:  # TPE revisits architectures, and workers may meet: reuse, do not score again
         trial.set_user_attr("duplicate_of", earlier[0])
+        if earlier[2] is not None:
+            trial.set_user_attr(LOG_LIKELIHOOD_ATTR, earlier[2])
         return earlier[1][0], latency
-    accuracy = score_subnet(p.supernet, spec, p.data, p.calibration, device=p.device, max_images=p.val_images)
-    return accuracy, latency
+    score = score_subnet(p.supernet, spec, p.data, p.calibration, device=p.device, max_images=p.val_images)
+    trial.set_user_attr(LOG_LIKELIHOOD_ATTR, score.log_likelihood)
+    return score.accuracy, latency
 
 
 def _nothing_to_do(config: SearchConfig) -> SpecError:
@@ -369,7 +379,7 @@ def _record(study: optuna.Study, config: SearchConfig, p: Prepared) -> StudyReco
     """The study's record: this run's when the study is new (with the reference scored), else the stored one,
     refusing a run whose defining settings differ."""
     mine = StudyRecord(config, p.space.name, p.space.num_classes, p.limit_ms, p.predictor.fingerprint,
-                       latency_drift=p.predictor.drift, proxy_images=min(p.val_images, len(p.data.val)))
+                       latency_drift=p.predictor.drift, proxy_images=p.proxy_images)
     try:
         record = StudyRecord.load(study)
     except SpecError:
@@ -381,9 +391,10 @@ def _record(study: optuna.Study, config: SearchConfig, p: Prepared) -> StudyReco
         if record.reference is not None or p.reference is None:
             return record
     if p.reference is not None:
-        acc = score_subnet(p.supernet, p.reference, p.data, p.calibration, device=p.device, max_images=p.val_images)
+        score = score_subnet(p.supernet, p.reference, p.data, p.calibration, device=p.device, max_images=p.val_images)
         predicted = p.predictor.with_drift(record.latency_drift).predict(p.reference)
-        record = dataclasses.replace(record, reference=Reference(p.reference, acc, predicted))
+        record = dataclasses.replace(record, reference=Reference(p.reference, score.accuracy, predicted,
+                                                                 score.log_likelihood))
     record.save(study)
     return record
 

@@ -21,7 +21,7 @@ from nas.latency import Measurement, measure
 from nas.model import Network, build_model
 from nas.spec import NetworkSpec, builtin_spec_names, load_spec
 from nas.supernet import recalibrate_bn
-from nas.train import TrainSettings, accuracy, calibration_batches, fit
+from nas.train import TrainSettings, calibration_batches, evaluate, fit
 
 TORCHVISION_SPECS = {"mobilenet_v3_large": "MobileNet_V3_Large_Weights",
                      "mobilenet_v3_small": "MobileNet_V3_Small_Weights"}
@@ -84,9 +84,10 @@ def _torchvision_init(spec: NetworkSpec, model: Network, num_classes: int) -> li
 
 def train_network(spec: NetworkSpec, data: DataSplit, settings: TrainSettings, *, checkpoint: Path,
                   device: torch.device | str = "cpu", init: str | None = None, progress: bool = True,
-                  measure_latency: bool = True, latency_threads: int | None = None) -> Trained:
+                  measure_latency: bool = True, latency_threads: int | None = None, latency_batch: int = 1
+                  ) -> Trained:
     """Train ``nas.build_model(spec)`` on ``data`` (resumable through ``checkpoint``) and evaluate it; its latency is
-    measured on the CPU at batch 1 with ``latency_threads`` (default: torch's)."""
+    measured on the CPU at batch ``latency_batch`` with ``latency_threads`` (default: torch's)."""
     check_classes(spec, data)
     if spec.input.resolution != data.resolution:
         raise SpecError("dataset", f"was loaded at {data.resolution}px, the spec takes {spec.input.resolution}px")
@@ -97,7 +98,7 @@ def train_network(spec: NetworkSpec, data: DataSplit, settings: TrainSettings, *
 
     def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = model(x)
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(logits, y, label_smoothing=settings.label_smoothing)
         loss.backward()
         return loss, logits
 
@@ -108,10 +109,10 @@ def train_network(spec: NetworkSpec, data: DataSplit, settings: TrainSettings, *
     # Precise BN: with torchvision's momentum of 0.01, running statistics lag far behind the weights in short
     # runs; re-estimating them on training images gives the network's real accuracy.
     recalibrate_bn(model, calibration_batches(data, batches=8, device=device))
-    acc = accuracy(model, data, device=device)
+    acc = evaluate(model, data, device=device).accuracy
     nan = float("nan")
-    latency = (measure(spec, threads=latency_threads) if measure_latency
-               else Measurement(nan, nan, nan, 0, "cpu", torch.get_num_threads(), 1))
+    latency = (measure(spec, threads=latency_threads, batch_size=latency_batch) if measure_latency
+               else Measurement(nan, nan, nan, 0, "cpu", torch.get_num_threads(), latency_batch))
     return Trained(spec, model.eval(), acc, latency, history, checkpoint, reused)
 
 

@@ -7,6 +7,8 @@ never string keys. Nothing here runs a search (that is :mod:`nas.search`).
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import os
 import time
 import warnings
@@ -59,15 +61,15 @@ class SearchConfig:
         "supernet training and scoring: cpu, cuda, cuda:N or auto (cuda when available)"))
     latency_device: str = field(default="cpu", metadata=_help(
         "the device the network will run on, where latency is measured: cpu, cuda or cuda:N"))
-    data_dir: str = field(default="data", metadata=_help("where cifar10 and flowers102 are downloaded"))
+    data_dir: str = field(default="data", metadata=_help(
+        "where cifar10 and flowers102 are downloaded, and decoded images cached"))
     results: str | None = field(default=None, metadata=_help(
         "results folder (default: $NAS_RESULTS, else ./results)"))
-    supernet_epochs: int = field(default=TrainSettings.epochs, metadata=_help(
-        "supernet training epochs when no cached supernet exists"))
-    supernet_batch_size: int = field(default=TrainSettings.batch_size, metadata=_help(
-        "supernet training batch size (128 suits CIFAR-10)"))
-    val_images: int = field(default=2000, metadata=_help(
-        "validation images scored per trial (digits has 359; CIFAR-10's split is capped here)"))
+    # Every supernet training setting, as --supernet-<setting> flags (--supernet-lr); its seed is ``seed``'s.
+    supernet: TrainSettings = field(default=TrainSettings(), metadata=_help("supernet training, when no cached "
+                                                                             "supernet exists", exclude=("seed",)))
+    val_images: int | None = field(default=None, metadata=_help(
+        "validation images scored per trial (default: the whole validation split; fewer is faster but noisier)"))
     latency_table: str | None = field(default=None, metadata=_help(
         "use this latency table file as is, even from another machine (workers of one distributed search should "
         "all use the table of the device the network is for)"))
@@ -79,15 +81,20 @@ class SearchConfig:
             raise SpecError("sampler", f"{self.sampler!r} is not one of {', '.join(SAMPLERS)}")
         if self.latency_ms is not None and not self.latency_ms > 0:
             raise SpecError("latency_ms", f"{self.latency_ms} must be positive")
-        for name in ("supernet_epochs", "supernet_batch_size", "val_images"):
-            if getattr(self, name) < 1:
-                raise SpecError(name, f"{getattr(self, name)} must be positive")
+        if self.val_images is not None and self.val_images < 1:
+            raise SpecError("val_images", f"{self.val_images} must be positive")
+        if self.supernet.seed not in (0, self.seed):
+            raise SpecError("supernet.seed", f"{self.supernet.seed}: the supernet is seeded by seed ({self.seed})")
         check_device(self.device, "device")
         check_device(self.latency_device, "latency_device")
 
     @property
     def name(self) -> str:
         return self.study_name or f"{Path(self.space).stem}-{self.dataset.replace(':', '-').replace('/', '_')}"
+
+    @property
+    def supernet_settings(self) -> TrainSettings:
+        return dataclasses.replace(self.supernet, seed=self.seed)
 
     @property
     def results_dir(self) -> Path:
@@ -104,8 +111,8 @@ class SearchConfig:
 
 def config_defining(c: SearchConfig) -> dict[str, Any]:
     """The defining fields a configuration alone gives: checked before any expensive step."""
-    return {"dataset": c.dataset, "latency_ms": c.latency_ms, "seed": c.seed, "supernet_epochs": c.supernet_epochs,
-            "supernet_batch_size": c.supernet_batch_size, "val_images": c.val_images}
+    return {"dataset": c.dataset, "latency_ms": c.latency_ms, "seed": c.seed, "supernet": c.supernet_settings,
+            "val_images": c.val_images}
 
 
 @dataclass(frozen=True)
@@ -115,6 +122,7 @@ class Reference:
     spec: NetworkSpec
     accuracy: float
     predicted_latency_ms: float
+    log_likelihood: float | None = None  # the proxy's mean log-likelihood (None in studies of older versions)
 
 
 @dataclass(frozen=True)
@@ -131,6 +139,10 @@ class StudyRecord:
     # predicts with it, so its trials stay comparable (1.0: not calibrated, a table from another machine).
     latency_drift: float = 1.0
     proxy_images: int | None = None  # validation images each trial is scored on (None: not recorded)
+
+    def proxy_stderr(self, accuracy: float) -> float:
+        """The binomial standard error of a proxy accuracy of this study (NaN when the image count is unknown)."""
+        return math.sqrt(accuracy * (1 - accuracy) / self.proxy_images) if self.proxy_images else math.nan
 
     def defining(self) -> dict[str, Any]:
         """The fields two runs of one study must share (their trials would not be comparable otherwise). The
@@ -171,6 +183,9 @@ def stored_measurements(study: optuna.Study) -> dict[int, float]:
 def store_measurements(study: optuna.Study, measured: dict[int, float]) -> None:
     # A study attribute: Optuna does not let finished trials change.
     study.set_user_attr(MEASURED_ATTR, {str(k): v for k, v in sorted(measured.items())})
+
+
+LOG_LIKELIHOOD_ATTR = "proxy_log_likelihood"  # a trial's mean log-likelihood of the true class, beside accuracy
 
 
 def record_trial(trial: optuna.trial.Trial, spec: NetworkSpec, predicted_ms: float, limit_ms: float) -> None:

@@ -9,6 +9,7 @@ resumes from the last one, and a finished checkpoint is reused as a cache.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import random
 import time
@@ -41,7 +42,13 @@ class TrainSettings:
     weight_decay: float = field(default=5e-5, metadata={"help": "SGD weight decay (not on BN and biases)"})
     random_subnets: int = field(default=1, metadata={
         "help": "random subnets per step besides the largest and smallest (sandwich rule)"})
-    seed: int = field(default=0, metadata={"help": "seeds data order, subnet sampling and initialisation"})
+    augment: bool | None = field(default=None, metadata={
+        "help": "random crop and horizontal flip of training images, on the training device (default: on for "
+                "natural images, off for digits)"})
+    label_smoothing: float = field(default=0.0, metadata={
+        "help": "label smoothing of the loss on the labels (the largest subnet's, in a supernet)"})
+    seed: int = field(default=0, metadata={"help": "seeds data order, augmentation, subnet sampling and "
+                                                   "initialisation"})
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_size"):
@@ -53,6 +60,11 @@ class TrainSettings:
             raise SpecError("weight_decay", f"{self.weight_decay} must be zero or more")
         if self.random_subnets < 0:
             raise SpecError("random_subnets", f"{self.random_subnets} must be zero or more")
+        if not 0 <= self.label_smoothing < 1:
+            raise SpecError("label_smoothing", f"{self.label_smoothing} must be at least 0 and below 1")
+
+    def augments(self, data: DataSplit) -> bool:
+        return data.natural if self.augment is None else self.augment
 
 
 @dataclass
@@ -109,7 +121,7 @@ def fit(model: nn.Module, data: DataSplit, settings: TrainSettings, step: Step, 
     """
     ensure_writable(path.parent, "checkpoint")  # before the first epoch, not after it
     opt = _optimizer(model, settings, params)
-    steps_per_epoch = len(data.train) // settings.batch_size
+    steps_per_epoch = data.steps(settings.batch_size)
     if steps_per_epoch < 1:
         raise SpecError("batch_size", f"{settings.batch_size} is more than the {len(data.train)} training images")
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.epochs * steps_per_epoch)
@@ -133,11 +145,11 @@ def fit(model: nn.Module, data: DataSplit, settings: TrainSettings, step: Step, 
                desc=desc, unit="step", dynamic_ncols=True)
     for epoch in range(start, settings.epochs):
         model.train()
-        loader = data.loader("train", settings.batch_size, shuffle=True, seed=settings.seed * 1000 + epoch)
+        batches = data.batches("train", settings.batch_size, shuffle=True, seed=settings.seed * 1000 + epoch,
+                               device=device, augment=settings.augments(data))
         total_loss = correct = seen = 0.0
         t0 = time.perf_counter()
-        for x, y in loader:
-            x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        for x, y in batches:
             opt.zero_grad(set_to_none=True)
             loss, logits = step(x, y)
             opt.step()
@@ -171,7 +183,7 @@ def train_supernet(space: SearchSpace, data: DataSplit, settings: TrainSettings 
 
     def sandwich(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         logits = supernet(x, largest)
-        loss = F.cross_entropy(logits, y)
+        loss = F.cross_entropy(logits, y, label_smoothing=settings.label_smoothing)
         loss.backward()
         soft = logits.detach().softmax(dim=1)
         for spec in [smallest, *(space.sample(rng) for _ in range(settings.random_subnets))]:
@@ -198,35 +210,52 @@ def _optimizer_to(opt: torch.optim.Optimizer, device: torch.device) -> None:
 
 def calibration_batches(data: DataSplit, *, batches: int = 4, batch_size: int = 128, device: torch.device | str = "cpu"
                         ) -> list[torch.Tensor]:
-    """A fixed set of training images for BN recalibration, the same for every subnet scored."""
-    loader = data.loader("train", batch_size, shuffle=True, seed=12345)
+    """A fixed set of training images (not augmented) for BN recalibration, the same for every subnet scored."""
     out = []
-    for x, _ in loader:
-        out.append(x.to(device))
+    for x, _ in data.batches("train", batch_size, shuffle=True, seed=12345, device=device):
+        out.append(x)
         if len(out) == batches:
             break
     return out
 
 
+@dataclass(frozen=True)
+class Score:
+    """A network's accuracy on (part of) the validation split, and the mean log-likelihood of the true class: a
+    continuous score that separates networks whose accuracies tie within their standard error."""
+
+    accuracy: float
+    log_likelihood: float
+    images: int
+
+    @property
+    def stderr(self) -> float:
+        """Binomial standard error of ``accuracy`` over ``images`` images."""
+        return math.sqrt(self.accuracy * (1 - self.accuracy) / self.images)
+
+
 @torch.inference_mode()
-def accuracy(model: nn.Module, data: DataSplit, *, batch_size: int = 512, device: torch.device | str = "cpu",
-             max_images: int | None = None, spec: NetworkSpec | None = None) -> float:
-    """Top-1 accuracy on the validation split (the first ``max_images`` of it, if given) of ``model``, or of a
-    supernet's member ``spec``."""
+def evaluate(model: nn.Module, data: DataSplit, *, batch_size: int = 512, device: torch.device | str = "cpu",
+             max_images: int | None = None, spec: NetworkSpec | None = None) -> Score:
+    """Score ``model``, or a supernet's member ``spec``, on the validation split (its first ``max_images``, if
+    given; default all)."""
     model.eval()
     correct = seen = 0
-    for x, y in data.loader("val", batch_size, shuffle=False):
-        if max_images is not None and seen >= max_images:
-            break
-        x, y = x.to(device), y.to(device)
+    log_lik = 0.0
+    for x, y in data.batches("val", batch_size, shuffle=False, device=device):
+        if max_images is not None:
+            if seen >= max_images:
+                break
+            x, y = x[:max_images - seen], y[:max_images - seen]
         logits = model(x) if spec is None else model(x, spec)
         correct += (logits.argmax(1) == y).sum().item()
+        log_lik -= F.cross_entropy(logits.float(), y, reduction="sum").item()
         seen += len(y)
-    return correct / seen
+    return Score(correct / seen, log_lik / seen, seen)
 
 
 def score_subnet(supernet: Supernet, spec: NetworkSpec, data: DataSplit, calibration: list[torch.Tensor], *,
-                 device: torch.device | str = "cpu", max_images: int | None = None) -> float:
-    """Proxy accuracy of ``spec`` through the shared weights, with its BN statistics recalibrated first."""
+                 device: torch.device | str = "cpu", max_images: int | None = None) -> Score:
+    """Proxy score of ``spec`` through the shared weights, with its BN statistics recalibrated first."""
     recalibrate_bn(supernet, calibration, spec)
-    return accuracy(supernet, data, device=device, max_images=max_images, spec=spec)
+    return evaluate(supernet, data, device=device, max_images=max_images, spec=spec)

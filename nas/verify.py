@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import statistics
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -16,13 +17,13 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from nas._schema import write_atomic, write_json_atomic
+from nas._schema import SpecError, write_atomic, write_json_atomic
 from nas.data import load_dataset
 from nas.report import build_report
 from nas.space import load_space
 from nas.spec import NetworkSpec
-from nas.standalone import checkpoint_for, rank_agreement, train_network
-from nas.study import feasible, trial_spec
+from nas.standalone import Trained, checkpoint_for, rank_agreement, train_network
+from nas.study import LOG_LIKELIHOOD_ATTR, feasible, trial_spec
 from nas.train import TrainSettings
 
 
@@ -30,6 +31,7 @@ from nas.train import TrainSettings
 class VerifyRow:
     name: str  # "rank01-trial0042" or "reference"
     proxy_accuracy: float
+    proxy_log_likelihood: float  # NaN where the study did not record it
     standalone_accuracy: float
     predicted_ms: float
     measured_ms: float
@@ -43,12 +45,28 @@ class Verification:
     rows: tuple[VerifyRow, ...]
     kendall_tau: float
     spearman_rho: float
+    kendall_tau_log_likelihood: float  # the same ranking by the proxy's log-likelihood instead of its accuracy
+    proxy_stderr: float  # the binomial standard error of a proxy accuracy (at the reference's accuracy)
+    # The ground truth's own noise: the reference trained with seeds seed, seed + 1, ... (its row is the first).
+    reference_seed_accuracies: tuple[float, ...]
+
+    @property
+    def seed_std(self) -> float:
+        """Sample standard deviation of the reference's stand-alone accuracy over seeds (NaN with one seed)."""
+        a = self.reference_seed_accuracies
+        return statistics.stdev(a) if len(a) > 1 else math.nan
+
+    @property
+    def network_std(self) -> float:
+        """Standard deviation of stand-alone accuracy between the ranked networks."""
+        return statistics.stdev(r.standalone_accuracy for r in self.rows) if len(self.rows) > 1 else math.nan
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
     def format(self) -> str:
         table = pd.DataFrame([{"network": r.name, "proxy acc": f"{r.proxy_accuracy:.4f}",
+                               "proxy log-lik": f"{r.proxy_log_likelihood:.4f}",
                                "stand-alone acc": f"{r.standalone_accuracy:.4f}",
                                "predicted ms": f"{r.predicted_ms:.3f}", "measured ms": f"{r.measured_ms:.3f}"}
                               for r in self.rows])
@@ -56,7 +74,12 @@ class Verification:
             f"verify {self.study}: {len(self.rows)} networks retrained on {self.dataset} for "
             f"{self.settings['epochs']} epochs each", "", table.to_string(index=False), "",
             f"rank agreement of proxy vs stand-alone accuracy: Kendall tau {self.kendall_tau:.3f}, "
-            f"Spearman rho {self.spearman_rho:.3f}", *(f"! {c}" for c in self.caveats)])
+            f"Spearman rho {self.spearman_rho:.3f} (by proxy log-likelihood: tau "
+            f"{self.kendall_tau_log_likelihood:.3f})",
+            f"proxy accuracy standard error: {self.proxy_stderr:.2%}",
+            f"stand-alone seed-to-seed noise: reference over {len(self.reference_seed_accuracies)} seeds "
+            f"{', '.join(f'{a:.2%}' for a in self.reference_seed_accuracies)}: std {self.seed_std:.2%}; "
+            f"between the networks: std {self.network_std:.2%}", *(f"! {c}" for c in self.caveats)])
 
     @property
     def caveats(self) -> tuple[str, ...]:
@@ -66,6 +89,12 @@ class Verification:
             found.append(f"tau over {n} networks is coarse: one swapped pair moves it by {4 / (n * (n - 1)):.2f}")
         if math.isnan(self.kendall_tau):
             found.append("tau is undefined: all proxy or all stand-alone accuracies are equal")
+        if math.isnan(self.seed_std):
+            found.append("the ground truth's noise is unmeasured: train the reference with --seeds 2 or more")
+        elif self.network_std <= 2 * self.seed_std:
+            found.append(f"the networks differ by little more than seed-to-seed noise (std {self.network_std:.2%} "
+                         f"between them, {self.seed_std:.2%} between seeds): their stand-alone order is partly "
+                         "chance, and so is tau")
         return tuple(found)
 
 
@@ -90,44 +119,64 @@ def _spread(items: list[Any], k: int) -> list[Any]:
 
 
 def select_networks(study: optuna.Study, ranks: dict[int, int], top: int
-                    ) -> list[tuple[str, NetworkSpec, float, float]]:
-    """Up to ``top`` distinct feasible architectures spanning the front: (name, spec, proxy accuracy, predicted
-    ms). A front larger than ``top`` is sampled evenly from most accurate to fastest (the most accurate always
-    in); a smaller one is filled from the next non-dominated layers, so the ranking is checked over ``top``
-    networks whenever the study holds that many distinct ones. ``ranks`` maps trial numbers to report ranks."""
+                    ) -> list[tuple[str, NetworkSpec, float, float, float]]:
+    """Up to ``top`` distinct feasible architectures spanning the front: (name, spec, proxy accuracy, proxy
+    log-likelihood, predicted ms). A front larger than ``top`` is sampled evenly from most accurate to fastest
+    (the most accurate always in); a smaller one is filled from the next non-dominated layers, so the ranking is
+    checked over ``top`` networks whenever the study holds that many distinct ones. ``ranks`` maps trial numbers
+    to report ranks."""
     unique: dict[NetworkSpec, optuna.trial.FrozenTrial] = {}
     for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
         if feasible(t):
             unique.setdefault(trial_spec(t).without_metadata(), t)  # TPE revisits architectures: train each once
-    chosen: list[tuple[str, NetworkSpec, float, float]] = []
+    chosen: list[tuple[str, NetworkSpec, float, float, float]] = []
     for depth, layer in enumerate(_fronts(list(unique.values())), start=1):
         for t in _spread(layer, top - len(chosen)):
             name = f"rank{ranks[t.number]:02d}" if t.number in ranks else f"front{depth}"
-            chosen.append((f"{name}-trial{t.number:04d}", trial_spec(t), t.values[0], t.values[1]))
+            chosen.append((f"{name}-trial{t.number:04d}", trial_spec(t), t.values[0],
+                           t.user_attrs.get(LOG_LIKELIHOOD_ATTR, math.nan), t.values[1]))
         if len(chosen) >= top:
             break
     return chosen
 
 
 def verify(study: optuna.Study, *, top: int, settings: TrainSettings, device: str = "cpu",
-           out_dir: str | os.PathLike[str], progress: bool = True) -> Verification:
+           out_dir: str | os.PathLike[str], progress: bool = True, seeds: int = 3) -> Verification:
+    """Retrain ``top`` networks spanning the front and the reference with ``settings``, the reference ``seeds``
+    times (seeds ``settings.seed``, +1, ...) to measure the ground truth's own noise."""
+    if seeds < 1:
+        raise SpecError("seeds", f"{seeds} must be positive")
     report = build_report(study, measure_latency=False)  # only its ranks: verify measures what it trains
     record, ref = report.record, report.reference
     networks = select_networks(study, {e.trial: e.rank for e in report.pareto}, top)
     if ref is not None:
-        networks.append(("reference", ref.spec, ref.accuracy, ref.predicted_latency_ms))
+        ll = math.nan if ref.log_likelihood is None else ref.log_likelihood
+        networks.append(("reference", ref.spec, ref.accuracy, ll, ref.predicted_latency_ms))
     # The study's specs carry the data set's class count already (nas.data.load_for at search time).
     c = record.config
     data = load_dataset(c.dataset, load_space(c.space).input.resolution, seed=c.seed, data_dir=c.data_dir)
-    rows = []
-    for name, spec, proxy, predicted in networks:
-        # Latency measured as the study's table was: its threads (verify's rows compare it with the prediction).
-        trained = train_network(spec, data, settings, device=device, progress=progress,
-                                latency_threads=record.fingerprint.threads,
-                                checkpoint=checkpoint_for(spec, data, settings, None, Path(out_dir) / "checkpoints"))
-        rows.append(VerifyRow(name, proxy, trained.val_accuracy, predicted, trained.latency.median_ms))
-    tau, rho = rank_agreement([r.proxy_accuracy for r in rows], [r.standalone_accuracy for r in rows])
-    return Verification(study.study_name, c.dataset, dataclasses.asdict(settings), tuple(rows), tau, rho)
+    fp = record.fingerprint
+
+    def train(spec: NetworkSpec, s: TrainSettings) -> Trained:
+        # Latency measured as the study's table was: its threads and batch (rows compare it with the prediction).
+        return train_network(spec, data, s, device=device, progress=progress, latency_threads=fp.threads,
+                             latency_batch=fp.batch_size,
+                             checkpoint=checkpoint_for(spec, data, s, None, Path(out_dir) / "checkpoints"))
+
+    rows, seed_accuracies = [], []
+    for name, spec, proxy, ll, predicted in networks:
+        trained = train(spec, settings)
+        rows.append(VerifyRow(name, proxy, ll, trained.val_accuracy, predicted, trained.latency.median_ms))
+        if name == "reference":
+            seed_accuracies = [trained.val_accuracy] + [
+                train(spec, dataclasses.replace(settings, seed=settings.seed + k)).val_accuracy
+                for k in range(1, seeds)]
+    proxy, standalone = [r.proxy_accuracy for r in rows], [r.standalone_accuracy for r in rows]
+    tau, rho = rank_agreement(proxy, standalone)
+    tau_ll = rank_agreement([r.proxy_log_likelihood for r in rows], standalone)[0]
+    stderr = record.proxy_stderr(ref.accuracy if ref is not None else statistics.fmean(proxy))
+    return Verification(study.study_name, c.dataset, dataclasses.asdict(settings), tuple(rows), tau, rho, tau_ll,
+                        stderr, tuple(seed_accuracies))
 
 
 def verify_figure(v: Verification) -> go.Figure:

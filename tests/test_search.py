@@ -16,6 +16,7 @@ import pytest
 import nas
 from nas.report import hypervolume
 from nas.study import CONSTRAINT, StudyRecord, open_storage, stored_measurements, trial_spec
+from nas.train import TrainSettings
 
 # Small and fast: a 1-epoch supernet (cached in one results folder for the whole module) and few trials.
 FAST = ["--supernet-epochs", "1", "--device", "cpu"]
@@ -174,9 +175,10 @@ def test_repeated_architectures_reuse_their_values_and_workers_draw_their_own_st
     from nas.spec import spec_to_dict
     specs = [space.sample(random.Random(i)) for i in range(3)]
     for i, (spec, acc) in enumerate([(specs[0], 0.5), (specs[1], 0.6), (specs[0], 0.7)]):
-        study.add_trial(optuna.trial.create_trial(values=[acc, 1.0 + i], user_attrs={"spec": spec_to_dict(spec)}))
+        study.add_trial(optuna.trial.create_trial(values=[acc, 1.0 + i], user_attrs={
+            "spec": spec_to_dict(spec), "proxy_log_likelihood": -acc}))
     scored = _Scored()
-    assert scored.get(study, specs[0].with_metadata(anything=1)) == (0, (0.5, 1.0))  # the first scoring wins
+    assert scored.get(study, specs[0].with_metadata(anything=1)) == (0, (0.5, 1.0), -0.5)  # the first scoring wins
     assert scored.get(study, specs[2]) is None
     study_id = storage.get_study_id_from_name("dups")
     seeds = [_worker_seed(storage, study_id, config) for _ in range(3)]
@@ -233,7 +235,8 @@ def test_a_failing_trial_is_failed_and_the_run_says_why_it_stops(work: Path, mon
         return real(*args, **kwargs)
 
     monkeypatch.setattr(search_module, "score_subnet", failing)
-    config = SearchConfig(budget=3, study_name="boom", results=str(work / "results"), supernet_epochs=1, device="cpu")
+    config = SearchConfig(budget=3, study_name="boom", results=str(work / "results"), supernet=TrainSettings(epochs=1),
+                          device="cpu")
     with pytest.raises(nas.SpecError, match=r"^study boom: trial 0 failed \(RuntimeError: out of memory\), so this run "
                                             r"stops at 0 of 3 complete trials; rerun to continue"):
         run_search(config, progress=False)
@@ -247,6 +250,8 @@ def test_bad_search_flags_are_one_line_errors(work: Path) -> None:
                            # validated by the library (SearchConfig), named by the flag generated from the field
                            (["--supernet-epochs", "0"], "error: --supernet-epochs: 0 must be positive"),
                            (["--val-images", "0"], "error: --val-images: 0 must be positive"),
+                           (["--supernet-label-smoothing", "1.5"],
+                            "error: --supernet-label-smoothing: 1.5 must be at least 0 and below 1"),
                            (["--latency-device", "tpu"], "error: --latency-device: 'tpu' is not one of"),
                            (["--space", "nope.yaml"], "error: nope.yaml: no such file")):
         r = nas_cmd("search", *args, cwd=work)
@@ -256,13 +261,36 @@ def test_bad_search_flags_are_one_line_errors(work: Path) -> None:
 def test_library_errors_name_the_field_and_flags_come_from_the_fields() -> None:
     import dataclasses
 
-    from nas.cli import make_parser
+    from nas.cli import field_values, make_parser
     from nas.study import SearchConfig
-    with pytest.raises(nas.SpecError, match=r"^supernet_epochs: 0 must be positive$"):
-        SearchConfig(supernet_epochs=0)
+    with pytest.raises(nas.SpecError, match=r"^epochs: 0 must be positive$"):
+        SearchConfig(supernet=TrainSettings(epochs=0))
+    with pytest.raises(nas.SpecError, match=r"^supernet.seed: 3: the supernet is seeded by seed \(0\)$"):
+        SearchConfig(supernet=TrainSettings(seed=3))
     args = make_parser().parse_args(["search"])
-    assert {f.name for f in dataclasses.fields(SearchConfig)} <= set(vars(args))
-    assert SearchConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(SearchConfig)}) == SearchConfig()
+    assert SearchConfig(**field_values(args, SearchConfig)) == SearchConfig()
+    plain = {f.name for f in dataclasses.fields(SearchConfig)} - {"supernet"}
+    nested = {f"supernet_{f.name}" for f in dataclasses.fields(TrainSettings)} - {"supernet_seed"}
+    assert plain | nested <= set(vars(args))  # a flag for every field, and every supernet setting but its seed
+
+
+def test_every_supernet_setting_reaches_search_and_the_supernet_cache_key(tmp_path: Path) -> None:
+    import dataclasses
+
+    from nas.cli import field_values, make_parser
+    from nas.data import load_for
+    from nas.study import SearchConfig
+    from nas.train import checkpoint_path
+    args = make_parser().parse_args(["search", "--supernet-lr", "0.05", "--supernet-label-smoothing", "0.1",
+                                     "--no-supernet-augment", "--supernet-random-subnets", "2", "--seed", "4"])
+    config = SearchConfig(**field_values(args, SearchConfig))
+    assert config.supernet == TrainSettings(lr=0.05, label_smoothing=0.1, augment=False, random_subnets=2)
+    settings = config.supernet_settings
+    assert settings.seed == 4
+    space, data = load_for(nas.load_space("mobilenetv3_compact"), "digits")
+    paths = {checkpoint_path(space, data, dataclasses.replace(settings, **{f.name: value}), root=tmp_path)
+             for f, value in zip(dataclasses.fields(TrainSettings), (6, 64, 0.1, 1e-4, 1, True, 0.0, 5), strict=True)}
+    assert len(paths | {checkpoint_path(space, data, settings, root=tmp_path)}) == 9  # each setting changes the key
 
 
 def test_latency_gaps_over_25_percent_are_flagged() -> None:

@@ -1,4 +1,5 @@
 import json
+import math
 import random
 import subprocess
 import sys
@@ -13,7 +14,7 @@ from nas.latency import Fingerprint
 from nas.space import load_space
 from nas.spec import spec_to_dict
 from nas.standalone import rank_agreement
-from nas.study import CONSTRAINT, SearchConfig, StudyRecord
+from nas.study import CONSTRAINT, Reference, SearchConfig, StudyRecord
 from nas.train import TrainSettings
 from nas.verify import select_networks, verify, write_verification
 
@@ -91,23 +92,28 @@ def test_verify_retrains_a_tiny_study(tmp_path: Path) -> None:
     storage = f"sqlite:///{tmp_path / 'study.db'}"
     study = optuna.create_study(study_name="tiny", storage=storage, directions=["maximize", "minimize"])
     fp = Fingerprint("cpu", "x", 1, 1, "x")
-    StudyRecord(SearchConfig(sampler="nsga2"), "mobilenetv3_compact", 10, 10.0, fp).save(study)
+    StudyRecord(SearchConfig(sampler="nsga2"), "mobilenetv3_compact", 10, 10.0, fp, proxy_images=359).save(study)
     rng = random.Random(0)
-    known = [(0.9, 3.0), (0.8, 2.0), (0.7, 1.0)]  # all Pareto-optimal
-    for acc, ms in known:
+    known = [(0.9, 3.0, -0.5), (0.8, 2.0, -0.4), (0.7, 1.0, -0.6)]  # all Pareto-optimal
+    for acc, ms, log_lik in known:
         spec = space.sample(rng)
-        study.add_trial(optuna.trial.create_trial(values=[acc, ms], user_attrs={"spec": spec_to_dict(spec)},
-                                                  constraints={CONSTRAINT: ms - 10.0}))
+        study.add_trial(optuna.trial.create_trial(
+            values=[acc, ms], user_attrs={"spec": spec_to_dict(spec), "proxy_log_likelihood": log_lik},
+            constraints={CONSTRAINT: ms - 10.0}))
     v = verify(study, top=3, settings=TrainSettings(epochs=1, batch_size=128, random_subnets=0), device="cpu",
                out_dir=tmp_path / "verify", progress=False)
     assert [r.proxy_accuracy for r in v.rows] == [0.9, 0.8, 0.7]
     assert [r.predicted_ms for r in v.rows] == [3.0, 2.0, 1.0]
-    expected = kendalltau([0.9, 0.8, 0.7], [r.standalone_accuracy for r in v.rows]).statistic
-    assert v.kendall_tau == pytest.approx(expected)
+    standalone = [r.standalone_accuracy for r in v.rows]
+    assert v.kendall_tau == pytest.approx(kendalltau([0.9, 0.8, 0.7], standalone).statistic)
+    assert v.kendall_tau_log_likelihood == pytest.approx(kendalltau([-0.5, -0.4, -0.6], standalone).statistic)
+    assert v.proxy_stderr == pytest.approx(math.sqrt(0.8 * 0.2 / 359))  # no reference: at the mean proxy
     paths = write_verification(v, tmp_path)
     written = json.loads(paths["json"].read_text())
     assert written["rows"][0]["name"] == "rank01-trial0000"
-    assert written["caveats"][0] == "tau over 3 networks is coarse: one swapped pair moves it by 0.67"
+    assert written["caveats"][:2] == ["tau over 3 networks is coarse: one swapped pair moves it by 0.67",
+                                      "the ground truth's noise is unmeasured: train the reference with --seeds 2 or "
+                                      "more"]
     assert "! tau over 3 networks is coarse" in v.format()
     assert "Plotly.newPlot" in paths["html"].read_text()
 
@@ -131,7 +137,7 @@ def test_select_networks_spreads_a_large_front_evenly() -> None:
     chosen = select_networks(study, {i: i + 1 for i in range(9)}, 5)
     assert [name for name, *_ in chosen] == ["rank01-trial0000", "rank03-trial0002", "rank05-trial0004",
                                              "rank07-trial0006", "rank09-trial0008"]
-    assert chosen[0][2:] == (0.9, 9.0)
+    assert chosen[0][2] == 0.9 and math.isnan(chosen[0][3]) and chosen[0][4] == 9.0  # no log-likelihood stored
 
 
 def test_select_networks_fills_a_small_front_from_the_next_layers_without_repeats() -> None:
@@ -142,3 +148,26 @@ def test_select_networks_fills_a_small_front_from_the_next_layers_without_repeat
                                              "front3-trial0004"]
     assert [name for name, *_ in select_networks(study, {0: 1, 1: 2}, 3)] == \
         ["rank01-trial0000", "rank02-trial0001", "front2-trial0002"]
+
+
+def test_verify_measures_the_ground_truths_own_noise_on_the_reference(tmp_path: Path) -> None:
+    space = load_space("mobilenetv3_compact")
+    study = optuna.create_study(study_name="ref", storage=f"sqlite:///{tmp_path / 'study.db'}",
+                                directions=["maximize", "minimize"])
+    reference = Reference(space.reference_member(), 0.75, 5.0, -0.7)
+    StudyRecord(SearchConfig(), "mobilenetv3_compact", 10, 10.0, Fingerprint("cpu", "x", 1, 1, "x"), reference,
+                proxy_images=359).save(study)
+    for acc, ms in ((0.9, 3.0), (0.8, 2.0)):
+        study.add_trial(optuna.trial.create_trial(
+            values=[acc, ms], user_attrs={"spec": spec_to_dict(space.sample(random.Random(int(ms))))},
+            constraints={CONSTRAINT: ms - 10.0}))
+    v = verify(study, top=2, settings=TrainSettings(epochs=1, batch_size=128, random_subnets=0), device="cpu",
+               out_dir=tmp_path / "verify", progress=False, seeds=2)
+    ref_row = v.rows[-1]
+    assert ref_row.name == "reference" and ref_row.proxy_log_likelihood == -0.7
+    assert len(v.reference_seed_accuracies) == 2 and v.reference_seed_accuracies[0] == ref_row.standalone_accuracy
+    assert v.proxy_stderr == pytest.approx(math.sqrt(0.75 * 0.25 / 359))  # at the reference's proxy accuracy
+    noisy = any("differ by little more than seed-to-seed noise" in c for c in v.caveats)
+    assert noisy == (v.network_std <= 2 * v.seed_std) and "stand-alone seed-to-seed noise" in v.format()
+    with pytest.raises(nas.SpecError, match=r"^seeds: 0 must be positive$"):
+        verify(study, top=2, settings=TrainSettings(), out_dir=tmp_path / "v", progress=False, seeds=0)

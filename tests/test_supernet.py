@@ -93,7 +93,7 @@ def test_subnets_share_weights() -> None:
 def _tiny_digits(n_train: int = 192) -> DataSplit:
     d = digits(32, seed=0)
     x, y = d.train.tensors
-    return DataSplit("digits-tiny", torch.utils.data.TensorDataset(x[:n_train], y[:n_train]), d.val, d.classes, 32)
+    return dataclasses.replace(d, name="digits-tiny", train=torch.utils.data.TensorDataset(x[:n_train], y[:n_train]))
 
 
 def test_a_few_training_steps_reduce_the_loss(tmp_path: Path) -> None:
@@ -104,7 +104,7 @@ def test_a_few_training_steps_reduce_the_loss(tmp_path: Path) -> None:
     losses = [h["loss"] for h in result.history]
     assert len(losses) == 3 and losses[0] > losses[1] > losses[2] and losses[2] < 0.7 * losses[0], losses
     calib = calibration_batches(data, batches=1)
-    assert score_subnet(result.supernet, space.largest(), data, calib) > 0.3  # chance is 0.1
+    assert score_subnet(result.supernet, space.largest(), data, calib).accuracy > 0.3  # chance is 0.1
 
 
 def test_interrupted_training_resumes_to_the_same_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:

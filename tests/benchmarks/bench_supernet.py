@@ -6,6 +6,8 @@ Parts (all by default):
             accuracy (goals >= 97% / >= 93%), training throughput in images/s
   cifar10   supernet training on the CIFAR-10 JPEGs of ../shared/data (32x32, seeded 80/20 split of the
             50,000 training images): throughput, and largest/smallest accuracy after a stated run
+  decode    the same 50,000 JPEGs: first load (decode into the uint8 cache) vs a later load (from the cache),
+            and one epoch of batches with and without augmentation
 Figures go to results/BENCHMARKS.md (with date and machine) and results/benchmarks/supernet-*.json.
 """
 
@@ -121,7 +123,7 @@ def cifar10(epochs: int = 3) -> None:
         start = time.perf_counter()
         with tarfile.open(CIFAR, "r:gz") as tar:
             tar.extractall(tmp, filter="data")
-        data = load_dataset(f"folder:{tmp}/train", 32, seed=0)
+        data = load_dataset(f"folder:{tmp}/train", 32, seed=0, data_dir=tmp)
         load_s = time.perf_counter() - start
     settings = TrainSettings(epochs=epochs, batch_size=128, lr=0.1, random_subnets=1)
     r = _train_and_score("mobilenetv3_compact", "cifar10-jpeg", settings, data=data)
@@ -131,7 +133,7 @@ def cifar10(epochs: int = 3) -> None:
                   f"The 50,000 JPEGs of ../shared/data, decoded once ({load_s:.0f} s to extract and decode), split "
                   f"80/20 with seed 0: {r['train_images']} training, {r['val_images']} validation images. Space "
                   f"mobilenetv3_compact, {epochs} epochs, batch 128, lr 0.1 cosine, 1 random subnet per step besides "
-                  f"the largest and smallest, no augmentation.\n\n"
+                  f"the largest and smallest, random crop and flip (the default for natural images).\n\n"
                   f"| figure | value |\n|---|---|\n"
                   f"| training wall time | {r['wall_s'] / 60:.1f} min |\n"
                   f"| throughput | {r['images_per_s']:.0f} images/s ({r['subnet_passes_per_step']} subnet passes "
@@ -141,7 +143,39 @@ def cifar10(epochs: int = 3) -> None:
                   f"| reference (MobileNetV3-Small layout), val accuracy | {r['val_acc']['reference']:.2%} |")
 
 
+def decode() -> None:
+    if not CIFAR.exists():
+        print(f"skipped: {CIFAR} is absent")
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        with tarfile.open(CIFAR, "r:gz") as tar:
+            tar.extractall(tmp, filter="data")
+        times = []
+        for _ in range(2):  # the first decodes and writes the cache, the second reads it
+            start = time.perf_counter()
+            data = load_dataset(f"folder:{tmp}/train", 32, seed=0, data_dir=f"{tmp}/data")
+            times.append(time.perf_counter() - start)
+        cache_mb = sum(p.stat().st_size for p in Path(tmp, "data", "cache").iterdir()) / 2**20
+    epoch = {}
+    for augment in (False, True):  # one epoch of training batches, as fit() draws them (CPU)
+        start = time.perf_counter()
+        for _ in data.batches("train", 128, shuffle=True, augment=augment):
+            pass
+        epoch[augment] = time.perf_counter() - start
+    r = {"first_load_s": times[0], "cached_load_s": times[1], "cache_mb": cache_mb, "epoch_batches_s": epoch[False],
+         "epoch_batches_augmented_s": epoch[True], "train_images": len(data.train)}
+    save("decode", r)
+    write_section("data-decode", "Decode once: a folder data set's first load vs later loads",
+                  f"`python tests/benchmarks/bench_supernet.py decode`: the 50,000 CIFAR-10 JPEGs of ../shared/data "
+                  f"at 32x32, loaded twice with `nas.data.load_dataset('folder:...')` into a fresh data folder.\n\n"
+                  f"| figure | value |\n|---|---|\n"
+                  f"| first load: decode 50,000 JPEGs, write the uint8 cache ({cache_mb:.0f} MB) | {times[0]:.1f} s |\n"
+                  f"| later load, from the cache | {times[1]:.2f} s |\n"
+                  f"| one epoch of batches ({len(data.train)} images, batch 128), plain / random crop and flip, "
+                  f"CPU | {epoch[False]:.2f} s / {epoch[True]:.2f} s |")
+
+
 if __name__ == "__main__":
-    parts = sys.argv[1:] or ["forward", "digits", "cifar10"]
+    parts = sys.argv[1:] or ["forward", "digits", "cifar10", "decode"]
     for part in parts:
-        {"forward": forward, "digits": digits, "cifar10": cifar10}[part]()
+        {"forward": forward, "digits": digits, "cifar10": cifar10, "decode": decode}[part]()
