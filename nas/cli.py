@@ -145,6 +145,7 @@ def _run_train_supernet(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from nas.data import load_for
+    from nas.distributed import world
     from nas.latency import resolve_device
     from nas.space import load_space
     from nas.train import TrainSettings, calibration_batches, checkpoint_path, score_subnet, train_supernet
@@ -161,6 +162,8 @@ def _run_train_supernet(args: argparse.Namespace) -> int:
         print("\ninterrupted: rerun the same command to resume from the last finished epoch", file=sys.stderr)
         return 130
     seconds = time.perf_counter() - start
+    if not world().main:  # under torchrun: the main process reports
+        return 0
     calib = calibration_batches(data, device=device)
     for name, spec in (("largest", space.largest()), ("smallest", space.smallest())):
         score = score_subnet(result.supernet, spec, data, calib, device=device)
@@ -349,6 +352,7 @@ def _add_train(p: argparse.ArgumentParser) -> None:
 
 def _run_train(args: argparse.Namespace) -> int:
     from nas.data import load_for
+    from nas.distributed import world
     from nas.latency import resolve_device
     from nas.spec import load_spec
     from nas.standalone import checkpoint_for, metrics_path, train_network
@@ -364,6 +368,8 @@ def _run_train(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         print("\ninterrupted: rerun the same command to resume from the last finished epoch", file=sys.stderr)
         return 130
+    if not world().main:  # under torchrun: the main process evaluates, measures and writes
+        return 0
     metrics = trained.save_metrics(metrics_path(args.spec, data, args.results), args.spec, data.name, settings, init)
     lat = trained.latency
     print(f"validation accuracy: {trained.val_accuracy:.2%} ({len(data.val)} images of {data.name})")
@@ -421,9 +427,10 @@ COMMANDS: dict[str, Command] = {
     "verify": Command(
         "retrain a study's best specs: does the supernet rank them truthfully?",
         "Retrain K distinct architectures spanning a study's feasible front (filled from the next non-dominated "
-        "layers when the front is smaller) and the space's MobileNetV3 reference with one recipe, and "
-        "report Kendall tau and Spearman rho between proxy (supernet) and stand-alone accuracy, a table, and "
-        "<results>/<study>/verify.html.", _add_verify, _run_verify),
+        "layers when the front is smaller) and the space's MobileNetV3 reference with one recipe (the reference "
+        "with --seeds seeds, to measure the recipe's own noise), and report Kendall tau and Spearman rho between "
+        "proxy (supernet) and stand-alone accuracy, a table, and <results>/<study>/verify.html.",
+        _add_verify, _run_verify),
     "build": Command(
         "build a network from a spec and summarise it",
         "Build the network a spec describes and print a per-layer table, its parameters, MACs and FLOPs at the "
@@ -471,3 +478,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    finally:
+        if "nas.distributed" in sys.modules:  # only training imports it; under torchrun it joined a group
+            sys.modules["nas.distributed"].leave()

@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from torchvision import datasets, transforms
 from tqdm import tqdm
 
@@ -55,13 +55,21 @@ class DataSplit:
         return len(self.classes)
 
     def batches(self, split: str, batch_size: int, *, shuffle: bool, seed: int = 0,
-                device: torch.device | str = "cpu", augment: bool = False
+                device: torch.device | str = "cpu", augment: bool = False, rank: int = 0, world: int = 1
                 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Normalised float batches of ``split`` on ``device``; shuffled ones drop the last partial batch. With
-        ``augment`` each image is randomly cropped and flipped (on ``device``, seeded by ``seed``)."""
-        x_all, y_all = (self.train if split == "train" else self.val).tensors
+        ``augment`` each image is randomly cropped and flipped (on ``device``, seeded by ``seed``). Process ``rank``
+        of ``world`` gets its share of a shuffled permutation (``DistributedSampler``'s): with ``batch_size`` B/N,
+        batch k of all N processes together is batch k of one process at B."""
+        data = self.train if split == "train" else self.val
+        x_all, y_all = data.tensors
         g = torch.Generator().manual_seed(seed)
-        order = torch.randperm(len(y_all), generator=g) if shuffle else torch.arange(len(y_all))
+        if shuffle and world > 1:
+            order = torch.tensor(list(DistributedSampler(data, num_replicas=world, rank=rank, seed=seed,
+                                                         drop_last=True)))
+            g.manual_seed(seed * 7919 + rank)  # each process its own augmentation draws
+        else:
+            order = torch.randperm(len(y_all), generator=g) if shuffle else torch.arange(len(y_all))
         stop = len(order) - len(order) % batch_size if shuffle else len(order)
         for i in range(0, stop, batch_size):
             idx = order[i:i + batch_size]

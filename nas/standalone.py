@@ -17,6 +17,7 @@ from torch import nn
 
 from nas._schema import SpecError, digest, results_root, to_data, write_json_atomic
 from nas.data import DataSplit, check_classes
+from nas.distributed import world
 from nas.latency import Measurement, measure
 from nas.model import Network, build_model
 from nas.spec import NetworkSpec, builtin_spec_names, load_spec
@@ -96,23 +97,24 @@ def train_network(spec: NetworkSpec, data: DataSplit, settings: TrainSettings, *
     model = build_model(spec)
     params = _torchvision_init(spec, model, data.num_classes) if init == "torchvision" else None
 
-    def step(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = model(x)
+    def step(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = net(x)
         loss = F.cross_entropy(logits, y, label_smoothing=settings.label_smoothing)
-        loss.backward()
-        return loss, logits
+        return loss, loss, logits
 
     meta = {"spec": to_data(spec.without_metadata()), "data": data.key(), "init": init,
             "settings": dataclasses.asdict(settings)}
     history, reused = fit(model, data, settings, step, path=checkpoint, meta=meta, device=device,
                           progress=progress, desc=f"training {len(spec.blocks)}-block network", params=params)
+    nan = float("nan")
+    unmeasured = Measurement(nan, nan, nan, 0, "cpu", torch.get_num_threads(), latency_batch)
+    if not world().main:  # under torchrun the main process evaluates and measures, undisturbed by the others
+        return Trained(spec, model.eval(), nan, unmeasured, history, checkpoint, reused)
     # Precise BN: with torchvision's momentum of 0.01, running statistics lag far behind the weights in short
     # runs; re-estimating them on training images gives the network's real accuracy.
     recalibrate_bn(model, calibration_batches(data, batches=8, device=device))
     acc = evaluate(model, data, device=device).accuracy
-    nan = float("nan")
-    latency = (measure(spec, threads=latency_threads, batch_size=latency_batch) if measure_latency
-               else Measurement(nan, nan, nan, 0, "cpu", torch.get_num_threads(), latency_batch))
+    latency = measure(spec, threads=latency_threads, batch_size=latency_batch) if measure_latency else unmeasured
     return Trained(spec, model.eval(), acc, latency, history, checkpoint, reused)
 
 

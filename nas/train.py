@@ -8,6 +8,7 @@ resumes from the last one, and a finished checkpoint is reused as a cache.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
@@ -19,12 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
 from nas._schema import SpecError, digest, ensure_writable, results_root, to_data, write_atomic
 from nas.data import DataSplit, check_classes
+from nas.distributed import all_sum, join
 from nas.space import SearchSpace
 from nas.spec import NetworkSpec
 from nas.supernet import Supernet, recalibrate_bn
@@ -107,7 +110,8 @@ def _optimizer(model: nn.Module, s: TrainSettings, params: list[nn.Parameter] | 
                            lr=s.lr, momentum=0.9, nesterov=True)
 
 
-Step = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]  # (x, y) -> (loss, logits)
+# (model, x, y) -> (objective, loss, logits): fit backpropagates the objective once per step and reports the loss.
+Step = Callable[[nn.Module, torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor, torch.Tensor]]
 
 
 def fit(model: nn.Module, data: DataSplit, settings: TrainSettings, step: Step, *, path: Path,
@@ -117,16 +121,21 @@ def fit(model: nn.Module, data: DataSplit, settings: TrainSettings, step: Step, 
     """The epoch loop shared by supernet and stand-alone training: SGD with cosine decay, one atomic
     checkpoint per epoch, resume from ``path`` (refused when ``meta`` differs), reuse when finished.
 
-    ``step`` computes the loss of a batch and calls ``backward``; returns (history, reused).
+    ``step`` computes a batch's objective through ``model`` (or its DistributedDataParallel wrapper under
+    torchrun, which all-reduces the gradients of that one backward); returns (history, reused).
     """
-    ensure_writable(path.parent, "checkpoint")  # before the first epoch, not after it
+    w, device = join(device)
+    if w.main:
+        ensure_writable(path.parent, "checkpoint")  # before the first epoch, not after it
+    if settings.batch_size % w.size:
+        raise SpecError("batch_size", f"{settings.batch_size} is not divisible by the {w.size} processes")
     opt = _optimizer(model, settings, params)
     steps_per_epoch = data.steps(settings.batch_size)
     if steps_per_epoch < 1:
         raise SpecError("batch_size", f"{settings.batch_size} is more than the {len(data.train)} training images")
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=settings.epochs * steps_per_epoch)
     start, history = 0, []
-    if path.exists():
+    if path.exists():  # every process resumes from the same file (a shared folder across machines)
         ckpt = load_checkpoint(path)
         if ckpt["meta"] != meta:
             raise SpecError("", "was trained with another network, data set or settings", source=str(path))
@@ -141,30 +150,44 @@ def fit(model: nn.Module, data: DataSplit, settings: TrainSettings, step: Step, 
     _optimizer_to(opt, device)
     if start >= settings.epochs:
         return history, True
-    bar = tqdm(total=settings.epochs * steps_per_epoch, initial=start * steps_per_epoch, disable=not progress,
-               desc=desc, unit="step", dynamic_ncols=True)
+    # Weight sharing leaves no parameter unused: every step's objective includes the largest subnet (or is the
+    # whole stand-alone network), so DDP needs no find_unused_parameters and reduces each gradient once.
+    net = (nn.parallel.DistributedDataParallel(model, device_ids=[device] if device.type == "cuda" else None)
+           if w.distributed else model)
+    bar = tqdm(total=settings.epochs * steps_per_epoch, initial=start * steps_per_epoch,
+               disable=not progress or not w.main, desc=desc, unit="step", dynamic_ncols=True)
     for epoch in range(start, settings.epochs):
         model.train()
-        batches = data.batches("train", settings.batch_size, shuffle=True, seed=settings.seed * 1000 + epoch,
-                               device=device, augment=settings.augments(data))
-        total_loss = correct = seen = 0.0
+        batches = data.batches("train", settings.batch_size // w.size, shuffle=True,
+                               seed=settings.seed * 1000 + epoch, device=device, augment=settings.augments(data),
+                               rank=w.rank, world=w.size)
+        sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss x images, correct, images
         t0 = time.perf_counter()
-        for x, y in batches:
+        for i, (x, y) in enumerate(batches):
             opt.zero_grad(set_to_none=True)
-            loss, logits = step(x, y)
+            with _autocast(device):
+                objective, loss, logits = step(net, x, y)
+            objective.backward()
             opt.step()
             sched.step()
-            total_loss += loss.item() * len(y)
-            correct += (logits.argmax(1) == y).sum().item()
-            seen += len(y)
+            # Summed on the device: reading a value each step would stall a GPU's queue (once per 20 steps here).
+            sums += torch.stack([loss.detach().double() * len(y), (logits.argmax(1) == y).sum().double(),
+                                 torch.tensor(len(y), dtype=torch.float64, device=device)])
             bar.update()
-            bar.set_postfix(epoch=f"{epoch + 1}/{settings.epochs}", loss=f"{total_loss / seen:.3f}",
-                            acc=f"{correct / seen:.3f}")
+            if bar.disable is False and (i % 20 == 0 or device.type == "cpu"):
+                total_loss, correct, seen = sums.tolist()
+                bar.set_postfix(epoch=f"{epoch + 1}/{settings.epochs}", loss=f"{total_loss / seen:.3f}",
+                                acc=f"{correct / seen:.3f}")
+        total_loss, correct, seen = all_sum(sums.tolist(), device)
         history.append({"epoch": epoch + 1, "loss": total_loss / seen, "train_acc": correct / seen,
                         "seconds": time.perf_counter() - t0})
-        _save_atomic({"version": CHECKPOINT_VERSION, "meta": meta, "epoch": epoch + 1, "history": history,
-                      "model": model.state_dict(), "optimizer": opt.state_dict(), "scheduler": sched.state_dict(),
-                      "rng": None if rng is None else rng.getstate(), "torch_rng": torch.get_rng_state()}, path)
+        if w.main:
+            _save_atomic({"version": CHECKPOINT_VERSION, "meta": meta, "epoch": epoch + 1, "history": history,
+                          "model": model.state_dict(), "optimizer": opt.state_dict(),
+                          "scheduler": sched.state_dict(), "rng": None if rng is None else rng.getstate(),
+                          "torch_rng": torch.get_rng_state()}, path)
+        if w.distributed:
+            dist.barrier()  # a resumed run finds every process's last finished epoch in the file
     bar.close()
     return history, False
 
@@ -181,19 +204,26 @@ def train_supernet(space: SearchSpace, data: DataSplit, settings: TrainSettings 
     rng = random.Random(settings.seed)
     largest, smallest = space.largest(), space.smallest()
 
-    def sandwich(x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logits = supernet(x, largest)
+    def sandwich(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = net(x, largest)
         loss = F.cross_entropy(logits, y, label_smoothing=settings.label_smoothing)
-        loss.backward()
         soft = logits.detach().softmax(dim=1)
-        for spec in [smallest, *(space.sample(rng) for _ in range(settings.random_subnets))]:
-            F.cross_entropy(supernet(x, spec), soft).backward()  # in-place distillation from the largest
-        return loss, logits
+        # In-place distillation from the largest. One backward of the summed losses gives the same gradients as
+        # one per subnet, and lets DDP all-reduce once per step. Every process draws the same random subnets: the
+        # same seeded rng, drawn in the same order.
+        distilled = [F.cross_entropy(net(x, spec), soft)
+                     for spec in [smallest, *(space.sample(rng) for _ in range(settings.random_subnets))]]
+        return loss + sum(distilled), loss, logits
 
     meta = {"space": to_data(space), "data": data.key(), "settings": dataclasses.asdict(settings)}
     history, reused = fit(supernet, data, settings, sandwich, path=path, meta=meta, device=device,
                           progress=progress, desc=f"supernet {space.name}", rng=rng)
     return TrainResult(supernet.eval(), path, history, reused)
+
+
+def _autocast(device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    """bf16 autocast on CUDA (tensor cores; no loss scaling needed, unlike fp16); CPU training stays fp32."""
+    return torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
 
 
 def _as_random_state(state: Any) -> tuple[Any, ...]:

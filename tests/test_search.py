@@ -313,6 +313,31 @@ def test_proxy_accuracies_at_chance_or_within_their_noise_are_called_out() -> No
     assert proxy_caveats([0.5, 0.6], num_classes=10, images=None) == ()  # a study recorded no image count
 
 
+def test_the_proxys_standard_error_is_printed_plotted_and_in_the_specs() -> None:
+    import math
+
+    from nas.latency import Fingerprint
+    from nas.report import build_report, format_summary, pareto_figure
+    from nas.spec import spec_to_dict
+    from nas.study import Reference, SearchConfig
+    space = nas.load_space("mobilenetv3_compact")
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    ref = Reference(space.reference_member(), 0.8, 2.0, -0.6)
+    StudyRecord(SearchConfig(), space.name, 10, 3.0, Fingerprint("cpu", "x", 1, 1, "x"), ref,
+                proxy_images=400).save(study)
+    for i, (acc, ms) in enumerate(((0.9, 2.5), (0.5, 1.0), (0.95, 4.0))):  # the last is over the limit
+        study.add_trial(optuna.trial.create_trial(
+            values=[acc, ms], user_attrs={"spec": spec_to_dict(space.sample(random.Random(i))),
+                                          "proxy_log_likelihood": -1 + acc}, constraints={CONSTRAINT: ms - 3.0}))
+    report = build_report(study, measure_latency=False)
+    assert "standard error +-0.0200 (at accuracy 0.8000)" in format_summary(report)  # sqrt(0.8 * 0.2 / 400)
+    assert report.pareto[0].spec.metadata["proxy_accuracy_stderr"] == pytest.approx(math.sqrt(0.9 * 0.1 / 400))
+    assert list(report.trials["log_likelihood"]) == pytest.approx([-0.1, -0.5, -0.05])
+    bars = {t.name: list(t.error_y.array) for t in pareto_figure(report, study).data}
+    assert bars["MobileNetV3 reference"] == pytest.approx([0.02])
+    assert bars["Pareto-optimal (exported)"] == pytest.approx([math.sqrt(a * (1 - a) / 400) for a in (0.5, 0.9)])
+
+
 def test_hypervolume_is_the_dominated_area() -> None:
     assert hypervolume([], 1.0) == 0.0
     assert hypervolume([(0.5, 0.5)], 1.0) == pytest.approx(0.25)

@@ -6,6 +6,7 @@ import datetime
 import os
 import platform
 import re
+import tarfile
 from pathlib import Path
 
 import torch
@@ -13,6 +14,25 @@ import torch
 from nas.latency import Fingerprint
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "results" / "BENCHMARKS.md"
+# ../shared beside the checkout here; shared/ inside it on the device machine (see DEVELOPERS.md).
+_REPO = Path(__file__).resolve().parents[2]
+CIFAR = next((p for p in (_REPO.parent / "shared" / "data" / "cifar10-jpeg-train.tar.gz",
+                          _REPO / "shared" / "data" / "cifar10-jpeg-train.tar.gz") if p.exists()),
+             _REPO.parent / "shared" / "data" / "cifar10-jpeg-train.tar.gz")
+
+
+def cifar_images(work: Path) -> Path | None:
+    """The shared CIFAR-10 JPEG archive extracted under ``work`` (once): its ImageFolder root, with ``train/``.
+    None, after saying so, when the archive is absent."""
+    if not CIFAR.exists():
+        print(f"skipped: {CIFAR} is absent")
+        return None
+    images = work / "cifar10-jpeg"
+    if not (images / "train").is_dir():
+        images.mkdir(parents=True, exist_ok=True)
+        with tarfile.open(CIFAR, "r:gz") as tar:
+            tar.extractall(images, filter="data")
+    return images
 
 
 def machine() -> str:

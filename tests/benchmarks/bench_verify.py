@@ -20,12 +20,11 @@ import argparse
 import json
 import os
 import sys
-import tarfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import write_section
+from _report import cifar_images, write_section
 
 from nas.report import build_report, write_report
 from nas.search import SearchConfig, prepare, run_search
@@ -33,7 +32,6 @@ from nas.train import TrainSettings
 from nas.verify import verify, write_verification
 
 ROOT = Path(__file__).resolve().parents[2]
-CIFAR = ROOT.parent / "shared" / "data" / "cifar10-jpeg-train.tar.gz"
 OUT = Path(os.environ.get("OUT", ROOT / "results" / "benchmarks"))
 # (supernet recipe, stand-alone recipe, device) per size. Label smoothing and the default augmentation (random
 # crop and flip: CIFAR-10 is natural images) on both; the supernet's sandwich samples one random subnet per step.
@@ -50,16 +48,11 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", choices=SIZES, default="cpu")
     args = ap.parse_args()
-    if not CIFAR.exists():
-        print(f"skipped: {CIFAR} is absent")
-        return
     supernet, recipe, device = SIZES[args.size]
     work = OUT / "cifar10-verify"
-    images = work / "cifar10-jpeg"
-    if not (images / "train").is_dir():
-        images.mkdir(parents=True, exist_ok=True)
-        with tarfile.open(CIFAR, "r:gz") as tar:
-            tar.extractall(images, filter="data")
+    images = cifar_images(work)
+    if images is None:
+        return
     config = SearchConfig(space="mobilenetv3_compact", dataset=f"folder:{images / 'train'}", budget=BUDGET,
                           study_name=f"cifar10-{args.size}", device=device, results=str(work),
                           data_dir=str(work / "data"), supernet=supernet)
