@@ -83,3 +83,12 @@ def test_a_run_killed_in_one_rank_resumes_to_the_uninterrupted_weights(tmp_path:
     run(supernet_cmd(killed, 2, 4), tmp_path)  # the same command resumes
     assert load_checkpoint(killed)["epoch"] == 4
     assert torch.allclose(weights(killed), weights(straight), rtol=0, atol=1e-6)
+
+
+def test_stand_alone_training_under_torchrun_reports_once(tmp_path: Path) -> None:
+    r = run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", "-m", "nas", "train",
+             "mobilenet_v3_compact", "--dataset", "digits", "--epochs", "1", "--batch-size", "128", "--device", "cpu",
+             "--no-augment"], tmp_path)
+    assert r.stdout.count("validation accuracy: ") == 1  # rank 0 evaluates, measures and writes
+    assert len(list((tmp_path / "results" / "train").glob("*.metrics.json"))) == 1
+    assert [p.suffix for p in (tmp_path / "results" / "train").iterdir()].count(".pt") == 1

@@ -50,27 +50,32 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=1024)
     ap.add_argument("--lr", type=float, default=0.4)
     ap.add_argument("--processes", type=int, default=1)
+    ap.add_argument("--device", default="cuda", help="cpu only to try this script at a tiny size")
+    ap.add_argument("--dataset", default=None, help="default: the CIFAR-10 JPEGs of ../shared/data")
     args = ap.parse_args()
-    if not torch.cuda.is_available():
+    if args.device == "cuda" and not torch.cuda.is_available():
         print("skipped: no CUDA device")
         return
     work = OUT / "gpu-bench"
-    images = cifar_images(work)
-    if images is None:
-        return
-    dataset = f"folder:{images / 'train'}"
-    common = ["--dataset", dataset, "--data-dir", str(work / "data"), "--results", str(work), "--device", "cuda"]
+    if args.dataset is None:
+        images = cifar_images(work)
+        if images is None:
+            return
+        args.dataset = f"folder:{images / 'train'}"
+    common = ["--dataset", args.dataset, "--data-dir", str(work / "data"), "--results", str(work),
+              "--device", args.device]
     settings = ["--epochs", str(args.epochs), "--batch-size", str(args.batch_size), "--lr", str(args.lr)]
-    # Decode once (timed apart), so the training figure is training only.
+    # Decode once (timed apart: the later commands read the cache), so the training figure is training only.
+    from nas.data import load_for
+    from nas.space import load_space
     t = time.perf_counter()
-    subprocess.run([sys.executable, "-c", "import sys; from nas.data import load_dataset; "
-                    f"load_dataset({dataset!r}, 32, data_dir={str(work / 'data')!r})"], check=True)
+    _, data = load_for(load_space("mobilenetv3_compact"), args.dataset, data_dir=work / "data")
     decode_s = time.perf_counter() - t
     launch = ([sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={args.processes}",
                "-m"] if args.processes > 1 else [sys.executable, "-m"])
     stop, samples = threading.Event(), []
-    sampler = threading.Thread(target=utilisation, args=(stop, samples), daemon=True)
-    sampler.start()
+    if args.device == "cuda":
+        threading.Thread(target=utilisation, args=(stop, samples), daemon=True).start()
     t = time.perf_counter()
     # The default checkpoint path (its cache key), so the search below reuses this supernet.
     subprocess.run([*launch, "nas", "train-supernet", *common, *settings], check=True)
@@ -78,12 +83,11 @@ def main() -> None:
     stop.set()
     from nas.train import load_checkpoint
     checkpoint = max((work / "supernets").glob("*.pt"), key=lambda p: p.stat().st_mtime)
-    history = load_checkpoint(checkpoint)["history"]
-    train_images = 40000 // args.batch_size * args.batch_size
-    epoch_s = [h["seconds"] for h in history]
-    figures = {"gpu": torch.cuda.get_device_name(), "processes": args.processes, "batch_size": args.batch_size,
-               "epochs": args.epochs, "decode_s": decode_s, "train_command_s": train_s, "epoch_s": epoch_s,
-               "images_per_s": train_images / statistics.median(epoch_s),
+    epoch_s = [h["seconds"] for h in load_checkpoint(checkpoint)["history"]]
+    figures = {"device": torch.cuda.get_device_name() if args.device == "cuda" else "cpu",
+               "processes": args.processes, "batch_size": args.batch_size, "epochs": args.epochs,
+               "decode_s": decode_s, "train_command_s": train_s, "epoch_s": epoch_s,
+               "images_per_s": data.steps(args.batch_size) * args.batch_size / statistics.median(epoch_s),
                "mean_gpu_utilisation_pct": statistics.fmean(samples) if samples else None}
     try:
         import optuna  # noqa: F401 - the search needs it; the device machine may lack it
