@@ -119,7 +119,9 @@ def build_report(study: optuna.Study, *, measure_latency: bool = True, remeasure
                                                            "log_likelihood", "feasible", "pareto", "duration_s"])
     fp = record.fingerprint
     can_measure = measure_latency and (fp.device == "cpu" or torch.cuda.is_available())
-    ranked = sorted((t for t in complete if t.number in best), key=lambda t: (-t.values[0], t.values[1]))
+    # A repeat of an architecture (duplicate_of) shares its values, so both are Pareto-optimal: rank the first only.
+    ranked = sorted((t for t in complete if t.number in best and "duplicate_of" not in t.user_attrs),
+                    key=lambda t: (-t.values[0], t.values[1]))
     stored = {} if remeasure else stored_measurements(study)
     todo = [t for t in ranked if t.number not in stored] if can_measure else []
     for t in tqdm(todo, desc="measuring the Pareto front", unit="net", disable=not progress or not todo,

@@ -338,6 +338,19 @@ def test_the_proxys_standard_error_is_printed_plotted_and_in_the_specs() -> None
     assert bars["Pareto-optimal (exported)"] == pytest.approx([math.sqrt(a * (1 - a) / 400) for a in (0.5, 0.9)])
 
 
+def test_a_repeated_architecture_is_ranked_once() -> None:
+    from nas.latency import Fingerprint
+    from nas.report import build_report
+    from nas.spec import spec_to_dict
+    from nas.study import SearchConfig
+    study = optuna.create_study(directions=["maximize", "minimize"])
+    StudyRecord(SearchConfig(), "mobilenetv3_compact", 10, 3.0, Fingerprint("cpu", "x", 1, 1, "x")).save(study)
+    spec = spec_to_dict(nas.load_space("mobilenetv3_compact").sample(random.Random(0)))
+    for attrs in ({"spec": spec}, {"spec": spec, "duplicate_of": 0}):
+        study.add_trial(optuna.trial.create_trial(values=[0.9, 2.0], user_attrs=attrs, constraints={CONSTRAINT: -1.0}))
+    assert [e.trial for e in build_report(study, measure_latency=False).pareto] == [0]
+
+
 def test_hypervolume_is_the_dominated_area() -> None:
     assert hypervolume([], 1.0) == 0.0
     assert hypervolume([(0.5, 0.5)], 1.0) == pytest.approx(0.25)
