@@ -132,13 +132,16 @@ def test_report_and_export_from_the_storage_alone(work: Path) -> None:
         (out / name).unlink()
     study = optuna.load_study(study_name="mobilenetv3_compact-digits", storage=f"sqlite:///{out / 'study.db'}")
     before = stored_measurements(study)
-    assert before and set(before) == {t.number for t in study.best_trials}  # measured once, by the search
+    ranked = {t.number for t in study.best_trials if "duplicate_of" not in t.user_attrs}  # a repeat is ranked once
+    # Measured by the searches (an earlier run's front may hold trials since dominated: their figures stay).
+    assert before and ranked <= set(before)
     r = nas_cmd("report", "--study", "mobilenetv3_compact-digits", cwd=work)
     assert r.returncode == 0, r.stderr
     assert (out / "trials.csv").exists() and (out / "pareto.html").exists() and (out / "history.html").exists()
     assert stored_measurements(study) == before  # the report reused them instead of measuring again
     specs = {nas.load_spec(p).metadata["trial"]: nas.load_spec(p).metadata for p in (out / "specs").glob("*.yaml")}
-    assert {n: m["measured_latency_ms"] for n, m in specs.items()} == {n: round(ms, 4) for n, ms in before.items()}
+    assert set(specs) == ranked
+    assert {n: m["measured_latency_ms"] for n, m in specs.items()} == {n: round(before[n], 4) for n in ranked}
     r = nas_cmd("report", "--study", "mobilenetv3_compact-digits", "--remeasure", cwd=work)
     assert r.returncode == 0 and stored_measurements(study) != before, r.stderr
     r = nas_cmd("export", "--study", "mobilenetv3_compact-digits", "--top", "1", "--out", str(work / "best"),
