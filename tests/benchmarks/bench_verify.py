@@ -17,8 +17,10 @@ $OUT on the device machine), so an interrupted run resumes.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -47,11 +49,16 @@ TOP, SEEDS, BUDGET = 12, 3, 200
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--size", choices=SIZES, default="cpu")
+    ap.add_argument("--noise-epochs", type=int, nargs="+", default=None, metavar="N",
+                    help="instead: the stand-alone recipe's seed-to-seed noise on the reference at N epochs")
     args = ap.parse_args()
     supernet, recipe, device = SIZES[args.size]
     work = OUT / "cifar10-verify"
     images = cifar_images(work)
     if images is None:
+        return
+    if args.noise_epochs:
+        noise(args.size, recipe, device, images, work, args.noise_epochs)
         return
     config = SearchConfig(space="mobilenetv3_compact", dataset=f"folder:{images / 'train'}", budget=BUDGET,
                           study_name=f"cifar10-{args.size}", device=device, results=str(work),
@@ -122,6 +129,39 @@ def main() -> None:
         f"{recipe.lr} cosine, label smoothing {recipe.label_smoothing}, random crop and flip, BN statistics "
         "re-estimated on 8 training batches. Measured latency: the table's threads and batch, median of 30 runs.\n\n"
         "| figure | value |\n|---|---|\n" + "\n".join(lines) + "\n\n" + "\n".join(rows))
+
+
+def noise(size: str, recipe: TrainSettings, device: str, images: Path, work: Path, epochs: list[int]) -> None:
+    """The reference trained with SEEDS seeds at each of ``epochs`` (the recipe otherwise), as verify trains it:
+    how long must a ground truth train before its seed-to-seed noise is small against the networks' spread?"""
+    from nas.data import load_for
+    from nas.space import load_space
+    from nas.standalone import checkpoint_for, train_network
+    space, data = load_for(load_space("mobilenetv3_compact"), f"folder:{images / 'train'}", data_dir=work / "data")
+    reference = space.reference_member()
+    rows = []
+    for n in epochs:
+        t = time.perf_counter()
+        accs = []
+        for seed in range(SEEDS):
+            s = dataclasses.replace(recipe, epochs=n, seed=seed)
+            accs.append(train_network(reference, data, s, device=device, measure_latency=False,
+                                      checkpoint=checkpoint_for(reference, data, s, None,
+                                                                work / f"cifar10-{size}" / "verify" / "checkpoints"))
+                        .val_accuracy)
+        rows.append({"epochs": n, "accuracies": accs, "std": statistics.stdev(accs),
+                     "seconds": time.perf_counter() - t})
+        print(rows[-1], flush=True)
+    (OUT / f"verify-noise-{size}.json").write_text(json.dumps(rows, indent=2))
+    table = ["| stand-alone epochs | accuracy, seeds 0-2 | seed-to-seed std | mean |", "|---|---|---|---|"]
+    table += [f"| {r['epochs']} | {', '.join(f'{a:.2%}' for a in r['accuracies'])} | {r['std']:.2%} | "
+              f"{statistics.fmean(r['accuracies']):.2%} |" for r in rows]
+    write_section(f"verify-noise-{size}", "How noisy is the stand-alone ground truth? (the reference, 3 seeds)",
+                  f"`python tests/benchmarks/bench_verify.py --size {size} --noise-epochs "
+                  f"{' '.join(map(str, epochs))}`: MobileNetV3 (the compact space's reference) trained from scratch "
+                  f"on the CIFAR-10 split above with verify's {size} recipe (batch {recipe.batch_size}, lr "
+                  f"{recipe.lr} cosine, label smoothing {recipe.label_smoothing}, random crop and flip) but for N "
+                  f"epochs, seeds 0, 1, 2; validation accuracy after BN re-estimation.\n\n" + "\n".join(table))
 
 
 if __name__ == "__main__":
