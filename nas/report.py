@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import math
 import os
 import shutil
 import statistics
@@ -40,6 +39,7 @@ from nas.study import (
     stored_measurements,
     trial_spec,
 )
+from nas.train import binomial_stderr
 
 FLAG_GAP = 0.25  # a measured-vs-predicted gap beyond this is flagged in the summary, the specs and the plot
 CHANCE_MARGIN = 0.05  # proxy accuracies all this close to chance: the supernet has not learnt (1-epoch CIFAR: 11-14%)
@@ -159,13 +159,13 @@ def proxy_caveats(accuracies: list[float], num_classes: int, images: int | None)
         return ()
     chance = 1 / num_classes
     found = []
-    margin = max(2 * math.sqrt(chance * (1 - chance) / images), CHANCE_MARGIN)
+    margin = max(2 * binomial_stderr(chance, images), CHANCE_MARGIN)
     if max(accuracies) <= chance + margin:
         found.append(f"every proxy accuracy (best {max(accuracies):.1%}) is within {margin:.1%} of chance "
                      f"({chance:.1%} for {num_classes} classes): the supernet has learnt next to nothing; train it "
                      "longer")
     p = statistics.median(accuracies)
-    se = math.sqrt(p * (1 - p) / images)
+    se = binomial_stderr(p, images)
     if len(accuracies) > 1 and max(accuracies) - min(accuracies) < se:
         found.append(f"proxy accuracies span {max(accuracies) - min(accuracies):.2%}, less than their standard error "
                      f"({se:.2%} on {images} images): the ranking is noise")

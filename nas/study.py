@@ -21,7 +21,7 @@ import optuna
 from nas._schema import SpecError, ensure_writable, from_data, results_root, to_data
 from nas.latency import Fingerprint, check_device
 from nas.spec import NetworkSpec, spec_from_dict, spec_to_dict
-from nas.train import TrainSettings
+from nas.train import TrainSettings, binomial_stderr
 
 SAMPLERS = ("tpe", "nsga2", "random")
 DEFAULT_SAMPLER = "tpe"  # best median hypervolume in tests/benchmarks/bench_search.py (3 seeds); BENCHMARKS.md
@@ -142,7 +142,7 @@ class StudyRecord:
 
     def proxy_stderr(self, accuracy: float) -> float:
         """The binomial standard error of a proxy accuracy of this study (NaN when the image count is unknown)."""
-        return math.sqrt(accuracy * (1 - accuracy) / self.proxy_images) if self.proxy_images else math.nan
+        return binomial_stderr(accuracy, self.proxy_images) if self.proxy_images else math.nan
 
     def defining(self) -> dict[str, Any]:
         """The fields two runs of one study must share (their trials would not be comparable otherwise). The

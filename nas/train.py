@@ -252,6 +252,11 @@ def calibration_batches(data: DataSplit, *, batches: int = 4, batch_size: int = 
     return out
 
 
+def binomial_stderr(accuracy: float, images: int) -> float:
+    """The standard error of an accuracy measured on ``images`` independent images."""
+    return math.sqrt(accuracy * (1 - accuracy) / images)
+
+
 @dataclass(frozen=True)
 class Score:
     """A network's accuracy on (part of) the validation split, and the mean log-likelihood of the true class: a
@@ -264,7 +269,7 @@ class Score:
     @property
     def stderr(self) -> float:
         """Binomial standard error of ``accuracy`` over ``images`` images."""
-        return math.sqrt(self.accuracy * (1 - self.accuracy) / self.images)
+        return binomial_stderr(self.accuracy, self.images)
 
 
 @torch.inference_mode()

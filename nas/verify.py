@@ -7,7 +7,7 @@ import dataclasses
 import math
 import os
 import statistics
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -18,11 +18,11 @@ import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
 from nas._schema import SpecError, write_atomic, write_json_atomic
-from nas.data import load_dataset
+from nas.data import DataSplit, load_dataset
 from nas.report import build_report
 from nas.space import load_space
 from nas.spec import NetworkSpec
-from nas.standalone import Trained, checkpoint_for, rank_agreement, train_network
+from nas.standalone import checkpoint_for, rank_agreement, train_network
 from nas.study import LOG_LIKELIHOOD_ATTR, feasible, trial_spec
 from nas.train import TrainSettings
 
@@ -140,6 +140,19 @@ def select_networks(study: optuna.Study, ranks: dict[int, int], top: int
     return chosen
 
 
+def seed_accuracies_of(spec: NetworkSpec, data: DataSplit, settings: TrainSettings, seeds: Iterable[int], *,
+                       device: str, out_dir: str | os.PathLike[str], progress: bool = True) -> list[float]:
+    """Stand-alone validation accuracy of ``spec`` trained with ``settings`` under each of ``seeds`` (no latency
+    measured): the ground truth's own noise. Checkpoints under ``out_dir/checkpoints``, shared with verify."""
+    out = []
+    for seed in seeds:
+        s = dataclasses.replace(settings, seed=seed)
+        out.append(train_network(spec, data, s, device=device, progress=progress, measure_latency=False,
+                                 checkpoint=checkpoint_for(spec, data, s, None, Path(out_dir) / "checkpoints"))
+                   .val_accuracy)
+    return out
+
+
 def verify(study: optuna.Study, *, top: int, settings: TrainSettings, device: str = "cpu",
            out_dir: str | os.PathLike[str], progress: bool = True, seeds: int = 3) -> Verification:
     """Retrain ``top`` networks spanning the front and the reference with ``settings``, the reference ``seeds``
@@ -156,21 +169,17 @@ def verify(study: optuna.Study, *, top: int, settings: TrainSettings, device: st
     c = record.config
     data = load_dataset(c.dataset, load_space(c.space).input.resolution, seed=c.seed, data_dir=c.data_dir)
     fp = record.fingerprint
-
-    def train(spec: NetworkSpec, s: TrainSettings) -> Trained:
-        # Latency measured as the study's table was: its threads and batch (rows compare it with the prediction).
-        return train_network(spec, data, s, device=device, progress=progress, latency_threads=fp.threads,
-                             latency_batch=fp.batch_size,
-                             checkpoint=checkpoint_for(spec, data, s, None, Path(out_dir) / "checkpoints"))
-
     rows, seed_accuracies = [], []
     for name, spec, proxy, ll, predicted in networks:
-        trained = train(spec, settings)
+        # Latency measured as the study's table was: its threads and batch (rows compare it with the prediction).
+        trained = train_network(spec, data, settings, device=device, progress=progress, latency_threads=fp.threads,
+                                latency_batch=fp.batch_size,
+                                checkpoint=checkpoint_for(spec, data, settings, None, Path(out_dir) / "checkpoints"))
         rows.append(VerifyRow(name, proxy, ll, trained.val_accuracy, predicted, trained.latency.median_ms))
         if name == "reference":
-            seed_accuracies = [trained.val_accuracy] + [
-                train(spec, dataclasses.replace(settings, seed=settings.seed + k)).val_accuracy
-                for k in range(1, seeds)]
+            seed_accuracies = [trained.val_accuracy, *seed_accuracies_of(
+                spec, data, settings, range(settings.seed + 1, settings.seed + seeds), device=device,
+                out_dir=out_dir, progress=progress)]
     proxy, standalone = [r.proxy_accuracy for r in rows], [r.standalone_accuracy for r in rows]
     tau, rho = rank_agreement(proxy, standalone)
     tau_ll = rank_agreement([r.proxy_log_likelihood for r in rows], standalone)[0]

@@ -31,7 +31,7 @@ from _report import cifar_images, write_section
 from nas.report import build_report, write_report
 from nas.search import SearchConfig, prepare, run_search
 from nas.train import TrainSettings
-from nas.verify import verify, write_verification
+from nas.verify import seed_accuracies_of, verify, write_verification
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = Path(os.environ.get("OUT", ROOT / "results" / "benchmarks"))
@@ -136,19 +136,13 @@ def noise(size: str, recipe: TrainSettings, device: str, images: Path, work: Pat
     how long must a ground truth train before its seed-to-seed noise is small against the networks' spread?"""
     from nas.data import load_for
     from nas.space import load_space
-    from nas.standalone import checkpoint_for, train_network
     space, data = load_for(load_space("mobilenetv3_compact"), f"folder:{images / 'train'}", data_dir=work / "data")
     reference = space.reference_member()
     rows = []
     for n in epochs:
         t = time.perf_counter()
-        accs = []
-        for seed in range(SEEDS):
-            s = dataclasses.replace(recipe, epochs=n, seed=seed)
-            accs.append(train_network(reference, data, s, device=device, measure_latency=False,
-                                      checkpoint=checkpoint_for(reference, data, s, None,
-                                                                work / f"cifar10-{size}" / "verify" / "checkpoints"))
-                        .val_accuracy)
+        accs = seed_accuracies_of(reference, data, dataclasses.replace(recipe, epochs=n), range(SEEDS),
+                                  device=device, out_dir=work / f"cifar10-{size}" / "verify")
         rows.append({"epochs": n, "accuracies": accs, "std": statistics.stdev(accs),
                      "seconds": time.perf_counter() - t})
         print(rows[-1], flush=True)
