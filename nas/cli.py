@@ -175,6 +175,8 @@ def _run_train_supernet(args: argparse.Namespace) -> int:
 
 
 def _add_device_args(p: argparse.ArgumentParser) -> None:
+    from nas.runtime import RUNTIMES
+
     p.add_argument("--space", default="mobilenetv3_compact",
                    help="a built-in search space or a YAML path (default mobilenetv3_compact)")
     p.add_argument("--device", default="cpu", help="cpu, cuda or auto (default cpu)")
@@ -182,6 +184,9 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
                    help="intra-op CPU threads to measure under (default: torch's default on this machine)")
     p.add_argument("--batch", dest="batch_size", type=_positive_int, default=1,
                    help="batch size to measure at (default 1)")
+    p.add_argument("--runtime", default="torch", choices=RUNTIMES,
+                   help="the runtime the network will run in: torch (eager, default), onnxruntime or onnxruntime-int8 "
+                        "(those two need the deploy extra)")
     p.add_argument("--table", default=None,
                    help="use this latency table file instead of the one for this device under <results>/latency/")
     p.add_argument("--force", action="store_true",
@@ -219,7 +224,7 @@ def _run_latency(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     predictor = load_predictor(space, device=args.device, threads=args.threads, batch_size=args.batch_size,
                                table=args.table, force=args.force, rebuild=getattr(args, "rebuild", False),
-                               root=results_root(args.results) / "latency")
+                               root=results_root(args.results) / "latency", runtime=args.runtime)
     fp = predictor.fingerprint
     if args.latency_command == "build":
         print(f"latency table: {predictor.path} ({len(predictor.table)} layers, {fp.describe()}; "
@@ -403,6 +408,70 @@ def _run_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _add_deploy(p: argparse.ArgumentParser) -> None:
+    from nas.deploy import FORMATS
+
+    p.add_argument("spec", nargs="?", default=None,
+                   help="a spec (built-in name or YAML path); omit it with --study S --rank K")
+    p.add_argument("--weights", required=True,
+                   help="a 'nas train' checkpoint, or 'supernet': the weights the spec inherits from the study's "
+                        "supernet (--study), BN recalibrated as in the search")
+    p.add_argument("--format", dest="fmt", choices=FORMATS, default="onnx", help="what to write (default onnx)")
+    p.add_argument("--out", required=True, help="the folder to write (replaced): model, spec.yaml, manifest.json")
+    p.add_argument("--quantize", choices=("int8",), default=None,
+                   help="int8: also write model.int8.onnx, statically quantised with onnxruntime (--format onnx)")
+    p.add_argument("--calibration-images", type=_positive_int, default=512,
+                   help="training images that calibrate int8 activation ranges (default 512)")
+    p.add_argument("--study", default=None, help="the study whose supernet (--weights supernet) or ranking "
+                                                 "(--rank) to use")
+    p.add_argument("--rank", type=_positive_int, default=None,
+                   help="deploy the study's K-th Pareto architecture (nas report's ranking) instead of a spec")
+    p.add_argument("--storage", default=None, help="the study's storage URL (default: its sqlite file)")
+    p.add_argument("--dataset", default=None, help="the data set the checkpoint was trained on (default: the "
+                                                   "study's, else digits); its validation split checks the export")
+    p.add_argument("--data-dir", default="data", help="where data sets are downloaded and cached (default data/)")
+    p.add_argument("--threads", type=_positive_int, default=None,
+                   help="intra-op CPU threads for the latency measurement (default: torch's default)")
+    _results_arg(p)
+
+
+def _run_deploy(args: argparse.Namespace) -> int:
+    from nas.deploy import deploy, from_checkpoint, from_study
+    from nas.spec import load_spec
+
+    spec = None if args.spec is None else load_spec(args.spec)
+    if args.weights == "supernet" or args.rank is not None:
+        if args.study is None:
+            raise SpecError("study", "is needed with --weights supernet and with --rank")
+        if args.spec is not None and args.rank is not None:
+            raise SpecError("rank", "give a spec or --rank, not both")
+    if args.weights == "supernet":
+        weights = from_study(args.study, spec=spec, rank=args.rank, storage=args.storage, results=args.results)
+    else:
+        if args.rank is not None:
+            spec = from_study(args.study, rank=args.rank, storage=args.storage, results=args.results).spec
+        if spec is None:
+            raise SpecError("spec", "give a spec (or --study S --rank K) to rebuild the checkpoint's network")
+        weights = from_checkpoint(spec, args.weights, args.dataset or "digits", data_dir=args.data_dir)
+    if args.dataset is not None and args.dataset != weights.data.name:
+        raise SpecError("dataset", f"{args.dataset!r}, but the study searched on {weights.data.name!r}")
+    m = deploy(weights, args.out, fmt=args.fmt, quantize=args.quantize, threads=args.threads,
+               calibration_images=args.calibration_images)
+    lat, acc, check = m["latency"], m["accuracy"], m["check"]
+    print(f"{args.out}/{m['model']}: checked against PyTorch on {check['images']} validation images (max abs "
+          f"logit difference {check['max_abs_diff']:.1e}, top-1 agreement {check['top1_agreement']:.2%})")
+    print(f"  accuracy {acc['top1']:.2%} on {acc['images']} validation images of {m['dataset']}; latency "
+          f"{lat['median_ms']:.3f} ms median in {lat['runtime']} ({lat['threads']} threads, batch 1)")
+    if "quantization" in m:
+        q = m["quantization"]
+        int8_ms, fp32_ms = q["latency"]["median_ms"], q["latency_fp32"]["median_ms"]
+        print(f"{args.out}/{q['model']}: accuracy {q['top1']:.2%} (fp32 {q['top1_fp32']:.2%}, "
+              f"{q['top1'] - q['top1_fp32']:+.2%}); latency {int8_ms:.3f} ms (fp32 {fp32_ms:.3f} ms, "
+              f"x{int8_ms / fp32_ms:.2f})")
+    print(f"manifest: {args.out}/manifest.json")
+    return 0
+
+
 COMMANDS: dict[str, Command] = {
     "search": Command(
         "search architectures under a latency limit (the main job)",
@@ -431,6 +500,12 @@ COMMANDS: dict[str, Command] = {
         "with --seeds seeds, to measure the recipe's own noise), and report Kendall tau and Spearman rho between "
         "proxy (supernet) and stand-alone accuracy, a table, and <results>/<study>/verify.html.",
         _add_verify, _run_verify),
+    "deploy": Command(
+        "write a network with its weights as ONNX (optionally int8), TorchScript, torch.export or a state dict",
+        "Export a spec with trained weights (a 'nas train' checkpoint, or the study's supernet), check the file "
+        "against PyTorch on real validation images (max abs logit difference <= 1e-4, identical top-1) or fail, and "
+        "write the model, its spec and a manifest (input shape and normalisation, classes, weights' origin, "
+        "accuracy, latency in the target runtime) to a folder.", _add_deploy, _run_deploy),
     "build": Command(
         "build a network from a spec and summarise it",
         "Build the network a spec describes and print a per-layer table, its parameters, MACs and FLOPs at the "

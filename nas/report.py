@@ -126,8 +126,7 @@ def build_report(study: optuna.Study, *, measure_latency: bool = True, remeasure
     todo = [t for t in ranked if t.number not in stored] if can_measure else []
     for t in tqdm(todo, desc="measuring the Pareto front", unit="net", disable=not progress or not todo,
                   dynamic_ncols=True):
-        stored[t.number] = measure(trial_spec(t), device=fp.device, threads=fp.threads,
-                                   batch_size=fp.batch_size).median_ms
+        stored[t.number] = measure(trial_spec(t), **fp.timing).median_ms
     if todo:
         store_measurements(study, stored)
     pareto = []

@@ -143,7 +143,7 @@ def prepare(config: SearchConfig, *, progress: bool = True) -> Prepared:
     # predict with the table of the device the network is for.
     predictor = load_predictor(space, device=config.latency_device, root=config.results_dir / "latency",
                                table=config.latency_table, force=config.latency_table is not None,
-                               progress=progress)
+                               progress=progress, runtime=config.runtime)
     if config.latency_table is None:  # this machine's own table: follow its drift since the table was built
         drift = calibrate(predictor)
         if progress:

@@ -18,11 +18,10 @@ from torch import nn
 from nas._schema import SpecError, digest, results_root, to_data, write_json_atomic
 from nas.data import DataSplit, check_classes
 from nas.distributed import world
-from nas.latency import Measurement, measure
+from nas.latency import Fingerprint, Measurement, measure
 from nas.model import Network, build_model
 from nas.spec import NetworkSpec, builtin_spec_names, load_spec
-from nas.supernet import recalibrate_bn
-from nas.train import TrainSettings, calibration_batches, evaluate, fit
+from nas.train import TrainSettings, evaluate, fit, precise_bn
 
 TORCHVISION_SPECS = {"mobilenet_v3_large": "MobileNet_V3_Large_Weights",
                      "mobilenet_v3_small": "MobileNet_V3_Small_Weights"}
@@ -85,10 +84,10 @@ def _torchvision_init(spec: NetworkSpec, model: Network, num_classes: int) -> li
 
 def train_network(spec: NetworkSpec, data: DataSplit, settings: TrainSettings, *, checkpoint: Path,
                   device: torch.device | str = "cpu", init: str | None = None, progress: bool = True,
-                  measure_latency: bool = True, latency_threads: int | None = None, latency_batch: int = 1
-                  ) -> Trained:
+                  measure_latency: bool = True, timing: Fingerprint | None = None) -> Trained:
     """Train ``nas.build_model(spec)`` on ``data`` (resumable through ``checkpoint``) and evaluate it; its latency is
-    measured on the CPU at batch ``latency_batch`` with ``latency_threads`` (default: torch's)."""
+    measured as ``timing``'s latency table was (device, threads, batch, runtime; default: ``nas.latency.measure``'s
+    defaults)."""
     check_classes(spec, data)
     if spec.input.resolution != data.resolution:
         raise SpecError("dataset", f"was loaded at {data.resolution}px, the spec takes {spec.input.resolution}px")
@@ -107,14 +106,12 @@ def train_network(spec: NetworkSpec, data: DataSplit, settings: TrainSettings, *
     history, reused = fit(model, data, settings, step, path=checkpoint, meta=meta, device=device,
                           progress=progress, desc=f"training {len(spec.blocks)}-block network", params=params)
     nan = float("nan")
-    unmeasured = Measurement(nan, nan, nan, 0, "cpu", torch.get_num_threads(), latency_batch)
+    unmeasured = Measurement(nan, nan, nan, 0, "cpu", torch.get_num_threads(), 1)
     if not world().main:  # under torchrun the main process evaluates and measures, undisturbed by the others
         return Trained(spec, model.eval(), nan, unmeasured, history, checkpoint, reused)
-    # Precise BN: with torchvision's momentum of 0.01, running statistics lag far behind the weights in short
-    # runs; re-estimating them on training images gives the network's real accuracy.
-    recalibrate_bn(model, calibration_batches(data, batches=8, device=device))
+    precise_bn(model, data, device)
     acc = evaluate(model, data, device=device).accuracy
-    latency = measure(spec, threads=latency_threads, batch_size=latency_batch) if measure_latency else unmeasured
+    latency = measure(spec, **(timing.timing if timing else {})) if measure_latency else unmeasured
     return Trained(spec, model.eval(), acc, latency, history, checkpoint, reused)
 
 

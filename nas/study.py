@@ -20,6 +20,7 @@ import optuna
 
 from nas._schema import SpecError, ensure_writable, from_data, results_root, to_data
 from nas.latency import Fingerprint, check_device
+from nas.runtime import RUNTIMES, check_runtime
 from nas.spec import NetworkSpec, spec_from_dict, spec_to_dict
 from nas.train import TrainSettings, binomial_stderr
 
@@ -61,6 +62,9 @@ class SearchConfig:
         "supernet training and scoring: cpu, cuda, cuda:N or auto (cuda when available)"))
     latency_device: str = field(default="cpu", metadata=_help(
         "the device the network will run on, where latency is measured: cpu, cuda or cuda:N"))
+    runtime: str = field(default="torch", metadata=_help(
+        "the runtime the network will be deployed in, whose latency the table predicts: torch (eager), onnxruntime "
+        "or onnxruntime-int8 (the last two need the deploy extra)", choices=RUNTIMES))
     data_dir: str = field(default="data", metadata=_help(
         "where cifar10 and flowers102 are downloaded, and decoded images cached"))
     results: str | None = field(default=None, metadata=_help(
@@ -87,6 +91,7 @@ class SearchConfig:
             raise SpecError("supernet.seed", f"{self.supernet.seed}: the supernet is seeded by seed ({self.seed})")
         check_device(self.device, "device")
         check_device(self.latency_device, "latency_device")
+        check_runtime(self.runtime)
 
     @property
     def name(self) -> str:

@@ -252,6 +252,12 @@ def calibration_batches(data: DataSplit, *, batches: int = 4, batch_size: int = 
     return out
 
 
+def precise_bn(model: nn.Module, data: DataSplit, device: torch.device | str = "cpu") -> None:
+    """Re-estimate a trained network's BN statistics on 8 batches of training images (precise BN): with
+    torchvision's momentum of 0.01, running statistics lag far behind the weights in short runs."""
+    recalibrate_bn(model, calibration_batches(data, batches=8, device=device))
+
+
 def binomial_stderr(accuracy: float, images: int) -> float:
     """The standard error of an accuracy measured on ``images`` independent images."""
     return math.sqrt(accuracy * (1 - accuracy) / images)

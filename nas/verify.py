@@ -171,9 +171,9 @@ def verify(study: optuna.Study, *, top: int, settings: TrainSettings, device: st
     fp = record.fingerprint
     rows, seed_accuracies = [], []
     for name, spec, proxy, ll, predicted in networks:
-        # Latency measured as the study's table was: its threads and batch (rows compare it with the prediction).
-        trained = train_network(spec, data, settings, device=device, progress=progress, latency_threads=fp.threads,
-                                latency_batch=fp.batch_size,
+        # Latency measured as the study's table was: its threads, batch and runtime (rows compare it with the
+        # prediction).
+        trained = train_network(spec, data, settings, device=device, progress=progress, timing=fp,
                                 checkpoint=checkpoint_for(spec, data, settings, None, Path(out_dir) / "checkpoints"))
         rows.append(VerifyRow(name, proxy, ll, trained.val_accuracy, predicted, trained.latency.median_ms))
         if name == "reference":

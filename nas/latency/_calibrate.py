@@ -40,8 +40,7 @@ def calibrate(predictor: Predictor, *, rounds: int = 3, seed: int = 0, refuse: b
                "largest": space.largest(), "smallest": space.smallest(),
                "random1": space.sample(rng), "random2": space.sample(rng)}
     start = time.perf_counter()
-    times = time_networks(list(members.values()), device=fp.device, threads=fp.threads, batch_size=fp.batch_size,
-                          rounds=rounds, warmup=2, repeats=5, seed=seed)
+    times = time_networks(list(members.values()), **fp.timing, rounds=rounds, warmup=2, repeats=5, seed=seed)
     base = predictor.with_drift(1.0)
     rows = tuple((name, base.predict(spec), median_of_rounds(t))
                  for (name, spec), t in zip(members.items(), times, strict=True))

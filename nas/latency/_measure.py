@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from nas._schema import SpecError
 from nas.model import build_model
+from nas.runtime import Compiled
 from nas.spec import NetworkSpec
 
 
@@ -33,6 +34,7 @@ class Measurement:
     device: str
     threads: int
     batch_size: int
+    runtime: str = "torch"
 
     @property
     def spread(self) -> float:
@@ -155,41 +157,51 @@ def time_interleaved(n: int, make: Callable[[int], Callable[[], object]], device
     return samples
 
 
+def visits(compile: Callable[[int], Compiled], runtime: str) -> Callable[[int], Callable[[], object]]:
+    """``time_interleaved``'s ``make`` over ``compile(i)``. In torch each visit compiles afresh, so nothing large stays
+    in memory; other runtimes export each call once and open it afresh per visit, since exporting is the costly
+    step."""
+    cached = functools.cache(compile)
+    return lambda i: (compile(i) if runtime == "torch" else cached(i)).runner()
+
+
 def median_of_rounds(rounds: list[list[float]]) -> float:
     """The median over every sample of ``time_interleaved``'s rounds for one call."""
     return statistics.median(t for r in rounds for t in r)
 
 
 def time_networks(specs: list[NetworkSpec], *, device: str = "cpu", threads: int | None = None, batch_size: int = 1,
-                  rounds: int, warmup: int, repeats: int, seed: int = 0, progress: tqdm | None = None
-                  ) -> list[list[list[float]]]:
-    """``time_interleaved`` over ``nas.build_model(spec)`` of each spec: real networks, never a supernet."""
+                  rounds: int, warmup: int, repeats: int, seed: int = 0, progress: tqdm | None = None,
+                  runtime: str = "torch") -> list[list[list[float]]]:
+    """``time_interleaved`` over ``nas.build_model(spec)`` of each spec in ``runtime``: real networks, never a
+    supernet."""
     dev = resolve_device(device)
 
-    def call(i: int) -> Callable[[], object]:
+    def compiled(i: int) -> Compiled:
         r = specs[i].input.resolution
         x = torch.randn(batch_size, specs[i].input.channels, r, r, device=dev)
-        return functools.partial(build_model(specs[i]).to(dev).eval(), x)
+        return Compiled(build_model(specs[i]).to(dev), x, runtime, threads)
 
+    call = visits(compiled, runtime)
     with num_threads(threads), torch.inference_mode():
         return time_interleaved(len(specs), call, dev, rounds=rounds, warmup=warmup, repeats=repeats, seed=seed,
                                 progress=progress)
 
 
 def measure_module(model: nn.Module, input_shape: tuple[int, ...], *, device: str = "cpu", threads: int | None = None,
-                   warmup: int = 10, repeats: int = 30) -> Measurement:
-    """Time ``model`` on a random input of ``input_shape`` (batch first)."""
+                   warmup: int = 10, repeats: int = 30, runtime: str = "torch") -> Measurement:
+    """Time ``model`` in ``runtime`` on a random input of ``input_shape`` (batch first)."""
     dev = resolve_device(device)
-    model = model.to(dev).eval()
     x = torch.randn(input_shape, device=dev)
     with num_threads(threads) as n, torch.inference_mode():
-        times = time_call(lambda: model(x), dev, warmup=warmup, repeats=repeats)
+        times = time_call(Compiled(model.to(dev), x, runtime, threads).runner(), dev, warmup=warmup, repeats=repeats)
     q1, med, q3 = statistics.quantiles(times, n=4, method="inclusive")
-    return Measurement(med, q1, q3, repeats, str(dev), n, input_shape[0])
+    return Measurement(med, q1, q3, repeats, str(dev), n, input_shape[0], runtime)
 
 
 def measure(spec: NetworkSpec, *, device: str = "cpu", batch_size: int = 1, threads: int | None = None,
-            warmup: int = 10, repeats: int = 30) -> Measurement:
-    """Real latency of ``nas.build_model(spec)`` at the spec's resolution (never a supernet)."""
+            warmup: int = 10, repeats: int = 30, runtime: str = "torch") -> Measurement:
+    """Real latency of ``nas.build_model(spec)`` at the spec's resolution in ``runtime`` (never a supernet)."""
     shape = (batch_size, spec.input.channels, spec.input.resolution, spec.input.resolution)
-    return measure_module(build_model(spec), shape, device=device, threads=threads, warmup=warmup, repeats=repeats)
+    return measure_module(build_model(spec), shape, device=device, threads=threads, warmup=warmup, repeats=repeats,
+                          runtime=runtime)

@@ -8,7 +8,6 @@ The predictor is a function of the network description only: its table keys are 
 from __future__ import annotations
 
 import dataclasses
-import functools
 import itertools
 import json
 import math
@@ -17,7 +16,7 @@ import platform
 import random
 import statistics
 import sys
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,8 +34,10 @@ from nas.latency._measure import (
     resolve_device,
     time_interleaved,
     time_networks,
+    visits,
 )
 from nas.model import make_part
+from nas.runtime import Compiled, Empty, check_runtime, require
 from nas.space import SearchSpace
 from nas.spec import (
     BatchNormSpec,
@@ -132,20 +133,33 @@ class Fingerprint:
     threads: int
     batch_size: int
     torch: str
+    runtime: str = "torch"  # the runtime the network runs in: nas.runtime.RUNTIMES
 
     @classmethod
-    def current(cls, device: str = "cpu", threads: int | None = None, batch_size: int = 1) -> Fingerprint:
+    def current(cls, device: str = "cpu", threads: int | None = None, batch_size: int = 1,
+                runtime: str = "torch") -> Fingerprint:
         dev = resolve_device(device)
         processor = torch.cuda.get_device_name(dev) if dev.type == "cuda" else _cpu_name()
         if threads is not None and threads < 1:
             raise SpecError("threads", f"{threads} must be positive")
         if batch_size < 1:
             raise SpecError("batch_size", f"{batch_size} must be positive")
-        return cls(dev.type, processor, threads or torch.get_num_threads(), batch_size, torch.__version__)
+        check_runtime(runtime)
+        if runtime != "torch":
+            if dev.type != "cpu":
+                raise SpecError("runtime", f"{runtime} is measured on the CPU here, not {device!r}")
+            require()
+        return cls(dev.type, processor, threads or torch.get_num_threads(), batch_size, torch.__version__, runtime)
+
+    @property
+    def timing(self) -> dict[str, Any]:
+        """The keyword arguments that time a network as this table's entries were timed (``nas.latency.measure``)."""
+        return {"device": self.device, "threads": self.threads, "batch_size": self.batch_size,
+                "runtime": self.runtime}
 
     def describe(self) -> str:
         return (f"{self.device} '{self.processor}', {self.threads} thread{'s' if self.threads != 1 else ''}, "
-                f"batch {self.batch_size}, torch {self.torch}")
+                f"batch {self.batch_size}, torch {self.torch}, runtime {self.runtime}")
 
 
 def _cpu_name() -> str:
@@ -166,7 +180,8 @@ def space_digest(space: SearchSpace) -> str:
 def table_path(space: SearchSpace, fp: Fingerprint, root: str | os.PathLike[str] | None = None) -> Path:
     """Where the table of ``space`` on device ``fp`` lives (default root: ``<results>/latency``)."""
     root = results_root() / "latency" if root is None else Path(root)
-    return root / f"{space.name}-{fp.device}-{digest(fp, space_digest(space), TABLE_VERSION)}.json"
+    runtime = "" if fp.runtime == "torch" else f"-{fp.runtime}"
+    return root / f"{space.name}-{fp.device}{runtime}-{digest(fp, space_digest(space), TABLE_VERSION)}.json"
 
 
 @dataclass(frozen=True)
@@ -260,21 +275,22 @@ def _refuse(space: SearchSpace, cause: str) -> SpecError:
 
 def profile(space: SearchSpace, *, device: str = "cpu", threads: int | None = None, batch_size: int = 1,
             rounds: int = 3, warmup: int = 2, repeats: int = 7, fit_networks: int = 30, seed: int = 0,
-            progress: bool = True) -> Predictor:
-    """Measure every layer of ``space`` on this device, then fit the correction on whole networks.
+            progress: bool = True, runtime: str = "torch") -> Predictor:
+    """Measure every layer of ``space`` on this device in ``runtime``, then fit the correction on whole networks.
 
     Layers and networks are timed in ``rounds`` interleaved sweeps (``time_interleaved``), so no median rests
     on one stretch of a noisy machine. The build checks its own noise and refuses (a SpecError naming the cause)
     rather than write an untrustworthy table: a probe of two networks first (a second or two), layers whose rounds
     disagree are measured again, and the fit must be plausible (see the bands above)."""
-    fp = Fingerprint.current(device, threads, batch_size)
+    fp = Fingerprint.current(device, threads, batch_size, runtime)
     dev = resolve_device(device)
     layers = space_layers(space)
     rng = random.Random(seed)
     reference = space.reference_member()
     anchors = [space.largest(), space.smallest(), *([reference] if reference is not None else [])]
     specs = [*anchors, *(space.sample(rng) for _ in range(max(0, fit_networks - len(anchors))))]
-    net_kw = {"device": device, "threads": threads, "batch_size": batch_size, "warmup": warmup, "seed": seed}
+    net_kw = {"device": device, "threads": threads, "batch_size": batch_size, "warmup": warmup, "seed": seed,
+              "runtime": runtime}
 
     others = busy_share() if dev.type == "cpu" else None
     if others is not None and others > MAX_BUSY_SHARE:
@@ -286,15 +302,23 @@ def profile(space: SearchSpace, *, device: str = "cpu", threads: int | None = No
         enforce(_refuse(space, f"the same network's timings varied by {worst:.0%} across {PROBE_ROUNDS} rounds "
                              f"(limit {PROBE_SPREAD:.0%}), so the machine is too busy for a trustworthy table"))
 
-    def layer_call(i: int) -> Callable[[], object]:
-        module = layers[i].module(space.batch_norm).to(dev).eval()
-        return functools.partial(module, _layer_input(layers[i], batch_size, dev))
+    # In onnxruntime each layer runs as a graph of its own and pays session.run's fixed cost (about 7 us here, most of
+    # a small layer's time), which a whole network pays once: an empty graph, timed in the same rounds as the layers
+    # (the last call), measures it, and it is taken off every entry (the fit's offset pays it once per network).
+    calls = len(layers) + (runtime != "torch")
 
+    def compile_call(i: int) -> Compiled:
+        if i == len(layers):
+            return Compiled(Empty(), torch.zeros(batch_size, 1, 1, 1), runtime, threads)
+        module = layers[i].module(space.batch_norm).to(dev)
+        return Compiled(module, _layer_input(layers[i], batch_size, dev), runtime, threads)
+
+    layer_call = visits(compile_call, runtime)
     kw = {"warmup": warmup, "repeats": repeats, "seed": seed}
-    with tqdm(total=rounds * (len(layers) + len(specs)), desc=f"latency table {space.name}", unit="call",
+    with tqdm(total=rounds * (calls + len(specs)), desc=f"latency table {space.name} ({runtime})", unit="call",
               disable=not progress, dynamic_ncols=True) as bar:
         with num_threads(threads), torch.inference_mode():
-            times = time_interleaved(len(layers), layer_call, dev, rounds=rounds, progress=bar, **kw)
+            times = time_interleaved(calls, layer_call, dev, rounds=rounds, progress=bar, **kw)
             # Layers whose rounds disagree met a burst of noise: measure them again, then judge the middle rounds.
             again = [i for i, t in enumerate(times) if _disagreement(t, LAYER_FLOOR_MS) > LAYER_SPREAD]
             if again:
@@ -307,7 +331,10 @@ def profile(space: SearchSpace, *, device: str = "cpu", threads: int | None = No
         if unsettled > MAX_UNSETTLED * len(layers):
             enforce(_refuse(space, f"{unsettled} of {len(layers)} layers' timings still disagreed by more than "
                                  f"{LAYER_SPREAD:.0%} across rounds after measuring them again"))
-        table = {layer: median_of_rounds(t) for layer, t in zip(layers, times, strict=True)}
+        overhead = median_of_rounds(times.pop()) if runtime != "torch" else 0.0
+        # A layer within the overhead's noise keeps a tenth of its time: positive, and negligible in any sum.
+        table = {layer: max(median_of_rounds(t) - overhead, 0.1 * median_of_rounds(t))
+                 for layer, t in zip(layers, times, strict=True)}
         measured = np.array([median_of_rounds(t) for t in time_networks(specs, rounds=rounds, repeats=repeats,
                                                                          progress=bar, **net_kw)])
     sums = np.array([Predictor(space, fp, table, 1.0, 0.0).layer_sum(spec) for spec in specs])
@@ -374,17 +401,19 @@ def load_table(path: Path, space: SearchSpace, expected: Fingerprint | None, *, 
 
 def load_predictor(space: SearchSpace, *, device: str = "cpu", threads: int | None = None, batch_size: int = 1,
                    table: str | os.PathLike[str] | None = None, root: str | os.PathLike[str] | None = None,
-                   force: bool = False, rebuild: bool = False, progress: bool = True) -> Predictor:
+                   force: bool = False, rebuild: bool = False, progress: bool = True, runtime: str = "torch"
+                   ) -> Predictor:
     """The predictor for ``space`` on this device, building its table on first use (or when ``rebuild``).
 
     ``table`` names a table file explicitly (one copied from elsewhere, say): it is refused when it was made
     for another space or device, unless ``force``.
     """
-    fp = Fingerprint.current(device, threads, batch_size)
+    fp = Fingerprint.current(device, threads, batch_size, runtime)
     if table is not None:
         return load_table(Path(table), space, fp, force=force)
     path = table_path(space, fp, root)
     if path.exists() and not rebuild:
         return load_table(path, space, fp, force=force)
     ensure_writable(path.parent, "latency table")  # before measuring for a minute, not after
-    return profile(space, device=device, threads=threads, batch_size=batch_size, progress=progress).save(path)
+    return profile(space, device=device, threads=threads, batch_size=batch_size, progress=progress,
+                   runtime=runtime).save(path)

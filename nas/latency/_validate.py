@@ -53,7 +53,7 @@ class Validation:
         lines = [
             f"latency predictor, space {self.space}, {self.n} random architectures measured for real "
             f"({self.fingerprint['device']} '{self.fingerprint['processor']}', {self.fingerprint['threads']} "
-            f"threads, batch {self.fingerprint['batch_size']})",
+            f"threads, batch {self.fingerprint['batch_size']}, {self.fingerprint['runtime']})",
             f"  within +-10% of measured: {self.within_10:.1%}   (noise floor: two measurements of the same network "
             f"agree within +-10% for {self.noise_within_10:.1%})",
             f"  mean absolute % error:    {self.mape:.1%}   (noise floor: median run-to-run spread "
@@ -85,8 +85,7 @@ def validate(predictor: Predictor, space: SearchSpace, *, n: int = 100, seed: in
     fp = predictor.fingerprint
     timed = specs if reference is None else [reference, *specs]
     with tqdm(total=rounds * len(timed), desc="measuring", unit="net", disable=not progress, dynamic_ncols=True) as bar:
-        times = time_networks(timed, device=fp.device, threads=fp.threads, batch_size=fp.batch_size, rounds=rounds,
-                              warmup=3, repeats=10, seed=seed, progress=bar)
+        times = time_networks(timed, **fp.timing, rounds=rounds, warmup=3, repeats=10, seed=seed, progress=bar)
     half = rounds // 2
     measured_all = [median_of_rounds(net) for net in times]
     first_all = [median_of_rounds(net[:half]) for net in times]

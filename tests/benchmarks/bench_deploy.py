@@ -1,0 +1,172 @@
+"""Deploy: are exports exact, what does int8 cost, which runtime is fastest here, and does the onnxruntime latency
+predictor meet the torch predictor's goals? (issue: deploy)
+Run: python tests/benchmarks/bench_deploy.py [export] [runtimes] [predictor]
+
+export: ONNX against PyTorch (max abs logit difference <= 1e-4, identical top-1) for mobilenet_v3_small (1 epoch
+  on digits at 224px; digits has 359 validation images), the compact space's MobileNetV3 reference trained on
+  CIFAR-10 (verify's cpu recipe at 6 epochs, seed 0: bench_verify.py --noise-epochs 6 trains it, and this reuses
+  its checkpoint) on 1,000 CIFAR-10 validation images, and the top network of the default digits search (supernet
+  weights). int8 (onnxruntime static, 512 calibration images) against fp32 on all 10,000 CIFAR-10 validation
+  images for the trained compact reference: goal a loss of at most 1.0 point.
+runtimes: latency of those networks in torch eager, onnxruntime fp32 and int8, at 1 and 2 threads, timed side by
+  side in interleaved rounds.
+predictor: onnxruntime latency tables of mobilenetv3_compact and mobilenetv3_small, validated on 100 random
+  networks each (drift-calibrated first, as a search uses them): goals >= 95% within +-10% relative to the
+  reference and Kendall tau >= 0.9.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _report import cifar_images, write_section
+from bench_verify import SIZES
+
+import nas
+from nas.data import load_for
+from nas.deploy import CHECK_IMAGES, Weights, deploy, from_checkpoint, from_study
+from nas.latency import calibrate, load_predictor, median_of_rounds, num_threads, time_interleaved, validate
+from nas.runtime import Compiled
+from nas.search import SearchConfig, run_search
+from nas.space import load_space
+from nas.standalone import checkpoint_for, train_network
+from nas.train import TrainSettings
+
+ROOT = Path(__file__).resolve().parents[2]
+OUT = Path(os.environ.get("OUT", ROOT / "results" / "benchmarks"))
+WORK = OUT / "deploy"
+CIFAR_WORK = OUT / "cifar10-verify"  # bench_verify's: its extracted images, decode cache and checkpoints
+RUNTIMES = ("torch", "onnxruntime", "onnxruntime-int8")
+
+
+def networks() -> dict[str, Weights]:
+    """The three networks of the issue, trained (or reused from earlier runs)."""
+    out: dict[str, Weights] = {}
+    small = nas.load_spec("mobilenet_v3_small")
+    settings = TrainSettings(epochs=1, batch_size=64, lr=0.05, random_subnets=0)
+    spec, data = load_for(small, "digits", seed=settings.seed)
+    ckpt = checkpoint_for(spec, data, settings, None, WORK / "train")
+    train_network(spec, data, settings, checkpoint=ckpt, measure_latency=False)
+    out["mobilenet_v3_small (digits, 224px)"] = from_checkpoint(small, ckpt, "digits")
+
+    images = cifar_images(CIFAR_WORK)
+    if images is not None:
+        space, cifar = load_for(load_space("mobilenetv3_compact"), f"folder:{images / 'train'}",
+                                data_dir=CIFAR_WORK / "data")
+        recipe = dataclasses.replace(SIZES["cpu"][1], epochs=6, seed=0)
+        reference = space.reference_member()
+        ckpt = checkpoint_for(reference, cifar, recipe, None, CIFAR_WORK / "cifar10-cpu" / "verify" / "checkpoints")
+        train_network(reference, cifar, recipe, checkpoint=ckpt, measure_latency=False)
+        out["compact reference (CIFAR-10, 6 epochs)"] = from_checkpoint(
+            reference, ckpt, f"folder:{images / 'train'}", data_dir=CIFAR_WORK / "data")
+
+    config = SearchConfig(results=str(WORK / "results"), device="cpu")  # the README's default search
+    run_search(config)
+    out["top digits network (supernet weights)"] = from_study(config.name, rank=1, results=config.results)
+    return out
+
+
+def export(nets: dict[str, Weights]) -> dict[str, dict]:
+    rows, manifests = [], {}
+    for i, (name, w) in enumerate(nets.items()):
+        int8 = "CIFAR" in name
+        t = time.perf_counter()
+        m = deploy(w, WORK / f"deployed-{i}", fmt="onnx", quantize="int8" if int8 else None)
+        manifests[name] = m
+        c = m["check"]
+        row = (f"| {name} | {c['images']} | {c['max_abs_diff']:.1e} | {c['top1_agreement']:.2%} | "
+               f"{m['accuracy']['pytorch_top1']:.2%} | {m['accuracy']['top1']:.2%} | ")
+        if int8:
+            q = m["quantization"]
+            row += f"{q['top1']:.2%} ({q['top1'] - q['top1_fp32']:+.2%}) |"
+        else:
+            row += "not run |"
+        rows.append(row + f" {time.perf_counter() - t:.0f} s |")
+        print(rows[-1], flush=True)
+    (OUT / "deploy-export.json").write_text(json.dumps(manifests, indent=2, default=str))
+    table = ["| network | images checked | max abs logit diff | top-1 agreement | PyTorch top-1 | ONNX top-1 | "
+             "int8 top-1 (vs fp32) | deploy wall |", "|---|---|---|---|---|---|---|---|", *rows]
+    write_section("deploy-export", "Deploy: ONNX exactness and int8 accuracy",
+                  "`python tests/benchmarks/bench_deploy.py export`: `nas.deploy.deploy(..., fmt='onnx')` on "
+                  f"each network; the check compares onnxruntime's logits with PyTorch's on the first {CHECK_IMAGES} "
+                  "validation images (all 359 for digits) and must meet 1e-4 and identical top-1. Top-1 is on the "
+                  "whole validation split (10,000 CIFAR-10 images, 359 digits). int8: onnxruntime `quantize_static` "
+                  "(QDQ, per-channel weights, MinMax) calibrated on 512 training images; goal: at most 1.0 point "
+                  "lost on CIFAR-10.\n\n" + "\n".join(table))
+    return manifests
+
+
+def runtimes(nets: dict[str, Weights]) -> None:
+    rows = []
+    for name, w in nets.items():
+        spec = w.spec
+        r = spec.input.resolution
+        x = torch.randn(1, spec.input.channels, r, r)
+        for threads in (1, 2):
+            compiled = [Compiled(w.model, x, rt, threads) for rt in RUNTIMES]
+            with num_threads(threads), torch.inference_mode():
+                times = time_interleaved(len(RUNTIMES), lambda i, c=compiled: c[i].runner(), torch.device("cpu"),
+                                         rounds=5, warmup=10, repeats=20)
+            ms = [median_of_rounds(t) for t in times]
+            best = min(range(len(RUNTIMES)), key=ms.__getitem__)
+            rows.append(f"| {name} | {threads} | " + " | ".join(f"{v:.3f}" for v in ms) +
+                        f" | {RUNTIMES[best]}, x{sorted(ms)[1] / ms[best]:.2f} ahead of the next |")
+            print(rows[-1], flush=True)
+    write_section("deploy-runtimes", "Deploy: latency per runtime on this machine",
+                  "`python tests/benchmarks/bench_deploy.py runtimes`: batch 1, median ms over 5 interleaved rounds "
+                  "of 20 timed runs (after 10 warm-up runs) per runtime, the three runtimes side by side in each "
+                  "round. int8 is onnxruntime static QDQ quantisation.\n\n"
+                  "| network | threads | torch eager | onnxruntime fp32 | onnxruntime int8 | fastest |\n"
+                  "|---|---|---|---|---|---|\n" + "\n".join(rows))
+
+
+def predictor() -> None:
+    rows = []
+    for space_name in ("mobilenetv3_compact", "mobilenetv3_small"):
+        space = load_space(space_name)
+        for runtime in ("onnxruntime", "torch"):
+            t = time.perf_counter()
+            p = load_predictor(space, runtime=runtime, root=WORK / "latency", rebuild=True)
+            build_s = time.perf_counter() - t
+            drift = calibrate(p)
+            v = validate(p.with_drift(drift.factor), space, n=100)
+            rows.append(f"| {space_name} | {runtime} | {build_s:.0f} s | x{drift.factor:.3f} | "
+                        f"{v.relative_within_10:.0%} ({v.relative_noise_within_10:.0%}) | {v.within_10:.0%} "
+                        f"({v.noise_within_10:.0%}) | {v.kendall_tau:.3f} ({v.noise_kendall_tau:.3f}) |")
+            print(rows[-1], flush=True)
+    write_section("deploy-predictor", "Deploy: the onnxruntime latency predictor",
+                  "`python tests/benchmarks/bench_deploy.py predictor`: for each space, a table built in "
+                  "onnxruntime fp32 (every layer exported as its own graph; the empty graph's call cost taken off "
+                  "each entry), then, straight after, drift calibration and `latency validate` on 100 random "
+                  "networks (4 interleaved rounds beside the reference); the torch table built and validated the "
+                  "same way just after, side by side. In brackets: the measurement's own noise floor (its first two "
+                  "rounds against its last two). Goals: >= 95% within +-10% relative to the reference, tau >= 0.9."
+                  "\n\n| space | runtime | build | drift | within +-10% relative to reference | within +-10% "
+                  "absolute | Kendall tau |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+
+
+def main() -> None:
+    parts = sys.argv[1:] or ["export", "runtimes", "predictor"]
+    unknown = set(parts) - {"export", "runtimes", "predictor"}
+    if unknown:
+        sys.exit(f"unknown part(s): {', '.join(sorted(unknown))}")
+    if "export" in parts or "runtimes" in parts:
+        nets = networks()
+        if "export" in parts:
+            export(nets)
+        if "runtimes" in parts:
+            runtimes(nets)
+    if "predictor" in parts:
+        predictor()
+
+
+if __name__ == "__main__":
+    main()
