@@ -256,7 +256,7 @@ def _int8(folder: Path, data: DataSplit, example: torch.Tensor, images: int, thr
     agreement = compare(_onnx_predict(fp32, threads), int8, data, images=len(data.val))
     latency = _latency(int8, example, "onnxruntime-int8", threads, repeats)
     return {"model": "model.int8.onnx", "method": "onnxruntime quantize_static: QDQ, per-channel int8 weights, "
-            "int8 activations, MinMax calibration", "calibration_images": len(calibration),
+            "uint8 activations, MinMax calibration", "calibration_images": len(calibration),
             "top1": accuracy(int8, data), "top1_fp32": manifest["accuracy"]["top1"],
             "top1_agreement_with_fp32": agreement.top1_agreement,
             "latency": dataclasses.asdict(latency), "latency_fp32": manifest["latency"]}

@@ -95,9 +95,11 @@ class _Reader:
 
 def quantize_int8(model: bytes, calibration: Iterable[np.ndarray]) -> bytes:
     """Static int8 quantisation of an ONNX model with onnxruntime's own tool: QDQ format (which onnxruntime fuses
-    into int8 kernels), int8 weights per output channel, int8 activations with ranges from ``calibration`` inputs
+    into int8 kernels), int8 weights per output channel, uint8 activations with ranges from ``calibration`` inputs
     (MinMax). Chosen over PyTorch's PT2E because the ONNX file is what ships: the int8 graph measured and checked is
-    the deployed one, and onnxruntime runs it on every platform it supports."""
+    the deployed one, and onnxruntime runs it on every platform it supports. Activations are uint8 (U8S8), as
+    onnxruntime advises for x86: int8 activations (S8S8) ran the compact reference in 1.56 ms here against 0.27 ms
+    for U8S8 (one thread, batch 1)."""
     require("quantize")
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -109,7 +111,7 @@ def quantize_int8(model: bytes, calibration: Iterable[np.ndarray]) -> bytes:
         src.write_bytes(model)
         quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)  # onnxruntime's recommended first step
         quantize_static(str(pre), str(out), _Reader(onnx.load(str(pre)).graph.input[0].name, calibration),
-                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QInt8,
+                        quant_format=QuantFormat.QDQ, per_channel=True, activation_type=QuantType.QUInt8,
                         weight_type=QuantType.QInt8, calibrate_method=CalibrationMethod.MinMax)
         return out.read_bytes()
 

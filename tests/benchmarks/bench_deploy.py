@@ -99,8 +99,8 @@ def export(nets: dict[str, Weights]) -> dict[str, dict]:
                   f"each network; the check compares onnxruntime's logits with PyTorch's on the first {CHECK_IMAGES} "
                   "validation images (all 359 for digits) and must meet 1e-4 and identical top-1. Top-1 is on the "
                   "whole validation split (10,000 CIFAR-10 images, 359 digits). int8: onnxruntime `quantize_static` "
-                  "(QDQ, per-channel weights, MinMax) calibrated on 512 training images; goal: at most 1.0 point "
-                  "lost on CIFAR-10.\n\n" + "\n".join(table))
+                  "(QDQ, per-channel int8 weights, uint8 activations, MinMax) calibrated on 512 training images; "
+                  "goal: at most 1.0 point lost on CIFAR-10.\n\n" + "\n".join(table))
     return manifests
 
 
@@ -123,7 +123,7 @@ def runtimes(nets: dict[str, Weights]) -> None:
     write_section("deploy-runtimes", "Deploy: latency per runtime on this machine",
                   "`python tests/benchmarks/bench_deploy.py runtimes`: batch 1, median ms over 5 interleaved rounds "
                   "of 20 timed runs (after 10 warm-up runs) per runtime, the three runtimes side by side in each "
-                  "round. int8 is onnxruntime static QDQ quantisation.\n\n"
+                  "round. int8 is onnxruntime static QDQ quantisation (uint8 activations, int8 weights).\n\n"
                   "| network | threads | torch eager | onnxruntime fp32 | onnxruntime int8 | fastest |\n"
                   "|---|---|---|---|---|---|\n" + "\n".join(rows))
 
