@@ -302,14 +302,17 @@ def profile(space: SearchSpace, *, device: str = "cpu", threads: int | None = No
         enforce(_refuse(space, f"the same network's timings varied by {worst:.0%} across {PROBE_ROUNDS} rounds "
                              f"(limit {PROBE_SPREAD:.0%}), so the machine is too busy for a trustworthy table"))
 
-    # In onnxruntime each layer runs as a graph of its own and pays session.run's fixed cost (about 7 us here, most of
-    # a small layer's time), which a whole network pays once: an empty graph, timed in the same rounds as the layers
-    # (the last call), measures it, and it is taken off every entry (the fit's offset pays it once per network).
-    calls = len(layers) + (runtime != "torch")
+    # In onnxruntime each layer runs as a graph of its own and pays for the call and for feeding its input and
+    # returning its output (7 us at the least here, most of a small layer's time), which inside a whole network it
+    # does not. An empty graph on each distinct input shape, timed in the same rounds as the layers (the last calls),
+    # measures that cost, and it is taken off every entry of that shape (the fit's offset pays the network's own once).
+    shapes = sorted({(layer.in_channels, layer.size) for layer in layers}) if runtime != "torch" else []
+    calls = len(layers) + len(shapes)
 
     def compile_call(i: int) -> Compiled:
-        if i == len(layers):
-            return Compiled(Empty(), torch.zeros(batch_size, 1, 1, 1), runtime, threads)
+        if i >= len(layers):
+            channels, size = shapes[i - len(layers)]
+            return Compiled(Empty(), torch.zeros(batch_size, channels, size, size), runtime, threads)
         module = layers[i].module(space.batch_norm).to(dev)
         return Compiled(module, _layer_input(layers[i], batch_size, dev), runtime, threads)
 
@@ -331,10 +334,10 @@ def profile(space: SearchSpace, *, device: str = "cpu", threads: int | None = No
         if unsettled > MAX_UNSETTLED * len(layers):
             enforce(_refuse(space, f"{unsettled} of {len(layers)} layers' timings still disagreed by more than "
                                  f"{LAYER_SPREAD:.0%} across rounds after measuring them again"))
-        overhead = median_of_rounds(times.pop()) if runtime != "torch" else 0.0
+        overhead = {shape: median_of_rounds(t) for shape, t in zip(shapes, times[len(layers):], strict=True)}
         # A layer within the overhead's noise keeps a tenth of its time: positive, and negligible in any sum.
-        table = {layer: max(median_of_rounds(t) - overhead, 0.1 * median_of_rounds(t))
-                 for layer, t in zip(layers, times, strict=True)}
+        table = {layer: max(median_of_rounds(t) - overhead.get((layer.in_channels, layer.size), 0.0),
+                            0.1 * median_of_rounds(t)) for layer, t in zip(layers, times, strict=False)}
         measured = np.array([median_of_rounds(t) for t in time_networks(specs, rounds=rounds, repeats=repeats,
                                                                          progress=bar, **net_kw)])
     sums = np.array([Predictor(space, fp, table, 1.0, 0.0).layer_sum(spec) for spec in specs])

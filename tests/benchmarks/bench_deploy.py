@@ -129,12 +129,21 @@ def runtimes(nets: dict[str, Weights]) -> None:
 
 
 def predictor() -> None:
-    rows = []
+    rows, refusals = [], []
     for space_name in ("mobilenetv3_compact", "mobilenetv3_small"):
         space = load_space(space_name)
         for runtime in ("onnxruntime", "torch"):
-            t = time.perf_counter()
-            p = load_predictor(space, runtime=runtime, root=WORK / "latency", rebuild=True)
+            for attempt in range(1, 4):  # a build refuses on a busy machine (its job): wait, and try again
+                t = time.perf_counter()
+                try:
+                    p = load_predictor(space, runtime=runtime, root=WORK / "latency", rebuild=True)
+                    break
+                except nas.SpecError as e:
+                    print(f"attempt {attempt}: {e}", flush=True)
+                    refusals.append(f"{space_name} {runtime}: {e}")
+                    time.sleep(60)
+            else:
+                continue
             build_s = time.perf_counter() - t
             drift = calibrate(p)
             v = validate(p.with_drift(drift.factor), space, n=100)
@@ -150,7 +159,8 @@ def predictor() -> None:
                   "same way just after, side by side. In brackets: the measurement's own noise floor (its first two "
                   "rounds against its last two). Goals: >= 95% within +-10% relative to the reference, tau >= 0.9."
                   "\n\n| space | runtime | build | drift | within +-10% relative to reference | within +-10% "
-                  "absolute | Kendall tau |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+                  "absolute | Kendall tau |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) +
+                  "".join(f"\n\nRefused and retried a minute later: {r}" for r in refusals))
 
 
 def main() -> None:
