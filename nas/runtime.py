@@ -77,10 +77,12 @@ def to_onnx(module: nn.Module, example: torch.Tensor, *, dynamic_batch: bool = T
 
 
 class Empty(nn.Module):
-    """A graph that does (almost) nothing: its time in a runtime is the fixed cost of one call."""
+    """A graph that reads one value of its input: its time in a runtime is the cost of one call and of feeding it that
+    input, without computing anything or returning a large output (``x + 0`` would add an elementwise pass, 10-20 us
+    on a 224px feature map here, which layers in a network do not pay twice)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + 0
+        return x[:, :1, :1, :1] * 2
 
 
 class _Reader:

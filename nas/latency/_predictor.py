@@ -302,10 +302,10 @@ def profile(space: SearchSpace, *, device: str = "cpu", threads: int | None = No
         enforce(_refuse(space, f"the same network's timings varied by {worst:.0%} across {PROBE_ROUNDS} rounds "
                              f"(limit {PROBE_SPREAD:.0%}), so the machine is too busy for a trustworthy table"))
 
-    # In onnxruntime each layer runs as a graph of its own and pays for the call and for feeding its input and
-    # returning its output (7 us at the least here, most of a small layer's time), which inside a whole network it
-    # does not. An empty graph on each distinct input shape, timed in the same rounds as the layers (the last calls),
-    # measures that cost, and it is taken off every entry of that shape (the fit's offset pays the network's own once).
+    # In onnxruntime each layer runs as a graph of its own and pays for the call and for feeding it its input (7-12 us
+    # here, most of a small layer's time), which inside a whole network it does not. An empty graph on each distinct
+    # input shape (nas.runtime.Empty), timed in the same rounds as the layers (the last calls), measures that cost,
+    # and it is taken off every entry of that shape (the fit's offset pays the network's own once).
     shapes = sorted({(layer.in_channels, layer.size) for layer in layers}) if runtime != "torch" else []
     calls = len(layers) + len(shapes)
 

@@ -45,6 +45,7 @@ OUT = Path(os.environ.get("OUT", ROOT / "results" / "benchmarks"))
 WORK = OUT / "deploy"
 CIFAR_WORK = OUT / "cifar10-verify"  # bench_verify's: its extracted images, decode cache and checkpoints
 RUNTIMES = ("torch", "onnxruntime", "onnxruntime-int8")
+PREDICTOR_SPACES = ("mobilenetv3_compact", "mobilenetv3_small")
 
 
 def networks() -> dict[str, Weights]:
@@ -130,7 +131,7 @@ def runtimes(nets: dict[str, Weights]) -> None:
 
 def predictor() -> None:
     rows, refusals = [], []
-    for space_name in ("mobilenetv3_compact", "mobilenetv3_small"):
+    for space_name in PREDICTOR_SPACES:
         space = load_space(space_name)
         for runtime in ("onnxruntime", "torch"):
             for attempt in range(1, 4):  # a build refuses on a busy machine (its job): wait, and try again
