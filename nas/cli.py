@@ -436,8 +436,9 @@ def _add_deploy(p: argparse.ArgumentParser) -> None:
 
 
 def _run_deploy(args: argparse.Namespace) -> int:
-    from nas.deploy import deploy, from_checkpoint, from_study
+    from nas.deploy import deploy, from_checkpoint, from_study, ranked_spec
     from nas.spec import load_spec
+    from nas.study import load_study
 
     spec = None if args.spec is None else load_spec(args.spec)
     if args.weights == "supernet" or args.rank is not None:
@@ -447,14 +448,16 @@ def _run_deploy(args: argparse.Namespace) -> int:
             raise SpecError("rank", "give a spec or --rank, not both")
     if args.weights == "supernet":
         weights = from_study(args.study, spec=spec, rank=args.rank, storage=args.storage, results=args.results)
+        if args.dataset is not None and args.dataset != weights.data.name:
+            raise SpecError("dataset", f"{args.dataset!r}, but the study searched on {weights.data.name!r}")
     else:
-        if args.rank is not None:
-            spec = from_study(args.study, rank=args.rank, storage=args.storage, results=args.results).spec
+        dataset = args.dataset or "digits"
+        if args.rank is not None:  # the study's ranking only: the checkpoint has the weights
+            study, record = load_study(args.study, args.storage, args.results)
+            spec, dataset = ranked_spec(study, args.rank), args.dataset or record.config.dataset
         if spec is None:
             raise SpecError("spec", "give a spec (or --study S --rank K) to rebuild the checkpoint's network")
-        weights = from_checkpoint(spec, args.weights, args.dataset or "digits", data_dir=args.data_dir)
-    if args.dataset is not None and args.dataset != weights.data.name:
-        raise SpecError("dataset", f"{args.dataset!r}, but the study searched on {weights.data.name!r}")
+        weights = from_checkpoint(spec, args.weights, dataset, data_dir=args.data_dir)
     m = deploy(weights, args.out, fmt=args.fmt, quantize=args.quantize, threads=args.threads,
                calibration_images=args.calibration_images)
     lat, acc, check = m["latency"], m["accuracy"], m["check"]

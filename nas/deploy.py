@@ -11,7 +11,6 @@ from __future__ import annotations
 import dataclasses
 import os
 import shutil
-import statistics
 import tempfile
 import warnings
 from collections.abc import Callable
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import optuna
 import torch
 from torch import nn
 
@@ -30,7 +30,7 @@ from nas.model import Network, build_model
 from nas.runtime import INPUT, quantize_int8, session, to_onnx
 from nas.spec import NetworkSpec, save_spec
 from nas.supernet import Supernet, recalibrate_bn
-from nas.train import calibration_batches, evaluate, load_checkpoint, precise_bn
+from nas.train import calibration_batches, load_checkpoint, precise_bn
 
 FORMATS = ("onnx", "torchscript", "exported", "state_dict")
 MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "exported": "model.pt2",
@@ -73,21 +73,27 @@ def from_checkpoint(spec: NetworkSpec, path: str | os.PathLike[str], dataset: st
                                               "epochs": ckpt["epoch"], "settings": meta["settings"]})
 
 
+def ranked_spec(study: optuna.Study, rank: int) -> NetworkSpec:
+    """The study's ``rank``-th Pareto architecture (``nas report``'s ranking), with its metadata."""
+    from nas.report import build_report
+
+    pareto = build_report(study, measure_latency=False).pareto
+    if not 1 <= rank <= len(pareto):
+        raise SpecError("rank", f"{rank}: study {study.study_name!r} ranks {len(pareto)} Pareto architectures")
+    return pareto[rank - 1].spec
+
+
 def from_study(study_name: str, *, spec: NetworkSpec | None = None, rank: int | None = None,
                storage: str | None = None, results: str | os.PathLike[str] | None = None) -> Weights:
     """A member of a study's space with the weights it inherits from the study's supernet, BN recalibrated on the
-    images the search used; ``rank`` picks the study's K-th Pareto architecture (``nas report``'s ranking)."""
-    from nas.report import build_report
+    images the search used; ``rank`` picks the study's K-th Pareto architecture (:func:`ranked_spec`)."""
     from nas.space import load_space
     from nas.study import load_study
     from nas.train import checkpoint_path
 
     study, record = load_study(study_name, storage, results)
     if rank is not None:
-        pareto = build_report(study, measure_latency=False).pareto
-        if not 1 <= rank <= len(pareto):
-            raise SpecError("rank", f"{rank}: study {study_name!r} ranks {len(pareto)} Pareto architectures")
-        spec = pareto[rank - 1].spec
+        spec = ranked_spec(study, rank)
     if spec is None:
         raise SpecError("spec", "give a spec, or --rank K to take the study's K-th architecture")
     c = record.config
@@ -123,27 +129,19 @@ class Check:
 Predict = Callable[[torch.Tensor], np.ndarray]  # a batch of normalised images -> logits
 
 
-def _logits(predict: Predict, data: DataSplit, images: int | None = None) -> tuple[np.ndarray, np.ndarray]:
-    outs, labels, seen = [], [], 0
-    for x, y in data.batches("val", BATCH, shuffle=False):
-        if images is not None and seen >= images:
-            break
-        n = len(y) if images is None else min(len(y), images - seen)
-        outs.append(predict(x[:n]))
-        labels.append(y[:n].numpy())
-        seen += n
-    return np.concatenate(outs), np.concatenate(labels)
+def _logits(predict: Predict, data: DataSplit) -> np.ndarray:
+    """``predict``'s logits for the whole validation split, in order."""
+    return np.concatenate([predict(x) for x, _ in data.batches("val", BATCH, shuffle=False)])
 
 
-def compare(reference: Predict, candidate: Predict, data: DataSplit, images: int = CHECK_IMAGES) -> Check:
-    a, _ = _logits(reference, data, images)
-    b, _ = _logits(candidate, data, images)
+def compare(reference: np.ndarray, candidate: np.ndarray, images: int = CHECK_IMAGES) -> Check:
+    """Two models' logits on the first ``images`` validation images."""
+    a, b = reference[:images], candidate[:images]
     return Check(float(np.abs(a - b).max()), float((a.argmax(1) == b.argmax(1)).mean()), len(a))
 
 
-def accuracy(predict: Predict, data: DataSplit) -> float:
-    logits, labels = _logits(predict, data)
-    return float((logits.argmax(1) == labels).mean())
+def _top1(logits: np.ndarray, data: DataSplit) -> float:
+    return float((logits.argmax(1) == data.val.tensors[1].numpy()).mean())
 
 
 def _torch_predict(module: nn.Module | Callable[[torch.Tensor], torch.Tensor]) -> Predict:
@@ -162,15 +160,15 @@ def _latency(predict: Predict, example: torch.Tensor, runtime: str, threads: int
              ) -> Measurement:
     with num_threads(threads) as n:
         times = time_call(lambda: predict(example), torch.device("cpu"), warmup=10, repeats=repeats)
-    q1, med, q3 = statistics.quantiles(times, n=4, method="inclusive")
-    return Measurement(med, q1, q3, repeats, "cpu", n, len(example), runtime)
+    return Measurement.of(times, "cpu", n, len(example), runtime)
 
 
-def _write(fmt: str, model: Network, example: torch.Tensor, path: Path) -> Predict:
-    """Write ``model`` in ``fmt`` to ``path`` and return the file, loaded back, as a predictor."""
+def _write(fmt: str, model: Network, example: torch.Tensor, path: Path, threads: int | None) -> Predict:
+    """Write ``model`` in ``fmt`` to ``path`` and return the file, loaded back, as a predictor (an onnxruntime
+    session with ``threads``)."""
     if fmt == "onnx":
         path.write_bytes(to_onnx(model, example))
-        return _onnx_predict(path, None)
+        return _onnx_predict(path, threads)
     if fmt == "torchscript":
         with warnings.catch_warnings():  # deprecated in torch 2.14, still what C++/mobile torch loads
             warnings.simplefilter("ignore")
@@ -208,7 +206,7 @@ def deploy(weights: Weights, out: str | os.PathLike[str], *, fmt: str = "onnx", 
     spec, model, data = weights.spec, weights.model.eval(), weights.data
     r = spec.input.resolution
     example = next(data.batches("val", 1, shuffle=False))[0]
-    reference = _torch_predict(model)
+    reference = _logits(_torch_predict(model), data)
     manifest: dict[str, Any] = {
         "format": fmt, "model": MODEL_FILES[fmt], "spec": "spec.yaml",
         "input": {"name": INPUT, "shape": [1, spec.input.channels, r, r], "dtype": "float32", "layout": "NCHW",
@@ -220,21 +218,22 @@ def deploy(weights: Weights, out: str | os.PathLike[str], *, fmt: str = "onnx", 
     try:
         say(f"exporting {fmt} and checking it against PyTorch on {min(CHECK_IMAGES, len(data.val))} validation "
             "images")
-        predict = _write(fmt, model, example, tmp / MODEL_FILES[fmt])
-        check = compare(reference, predict, data)
+        predict = _write(fmt, model, example, tmp / MODEL_FILES[fmt], threads)
+        logits = _logits(predict, data)
+        check = compare(reference, logits)
         manifest["check"] = {**dataclasses.asdict(check), "tolerance": TOLERANCE, "passed": check.passed}
         if not check.passed:
             raise SpecError("format", f"the {fmt} export disagrees with PyTorch on {check.images} validation images: "
                                       f"max abs logit difference {check.max_abs_diff:.2e} (limit {TOLERANCE:.0e}), "
                                       f"top-1 agreement {check.top1_agreement:.2%}")
         say(f"accuracy and latency in {RUNTIME_OF[fmt]}")
-        manifest["accuracy"] = {"top1": accuracy(predict, data), "pytorch_top1": evaluate(model, data).accuracy,
+        manifest["accuracy"] = {"top1": _top1(logits, data), "pytorch_top1": _top1(reference, data),
                                 "images": len(data.val), "split": "validation"}
-        single = predict if fmt != "onnx" else _onnx_predict(tmp / MODEL_FILES[fmt], threads)
-        manifest["latency"] = dataclasses.asdict(_latency(single, example, RUNTIME_OF[fmt], threads, repeats))
+        manifest["latency"] = dataclasses.asdict(_latency(predict, example, RUNTIME_OF[fmt], threads, repeats))
         if quantize:
             say(f"int8: calibrating on {calibration_images} training images")
-            manifest["quantization"] = _int8(tmp, data, example, calibration_images, threads, repeats, manifest)
+            manifest["quantization"] = _int8(tmp, data, example, logits, calibration_images, threads, repeats,
+                                             manifest)
         save_spec(spec, tmp / "spec.yaml")
         write_json_atomic(manifest, tmp / "manifest.json")
         if out.exists():
@@ -245,18 +244,18 @@ def deploy(weights: Weights, out: str | os.PathLike[str], *, fmt: str = "onnx", 
     return manifest
 
 
-def _int8(folder: Path, data: DataSplit, example: torch.Tensor, images: int, threads: int | None, repeats: int,
-          manifest: dict[str, Any]) -> dict[str, Any]:
+def _int8(folder: Path, data: DataSplit, example: torch.Tensor, fp32_logits: np.ndarray, images: int,
+          threads: int | None, repeats: int, manifest: dict[str, Any]) -> dict[str, Any]:
     batches = [x.numpy() for x in calibration_batches(data, batches=-(-images // 64), batch_size=64)]
     calibration = np.concatenate(batches)[:images]
     fp32 = (folder / MODEL_FILES["onnx"]).read_bytes()
     (folder / "model.int8.onnx").write_bytes(quantize_int8(fp32, np.split(calibration, range(64, len(calibration),
                                                                                               64))))
     int8 = _onnx_predict(folder / "model.int8.onnx", threads)
-    agreement = compare(_onnx_predict(fp32, threads), int8, data, images=len(data.val))
+    logits = _logits(int8, data)
     latency = _latency(int8, example, "onnxruntime-int8", threads, repeats)
     return {"model": "model.int8.onnx", "method": "onnxruntime quantize_static: QDQ, per-channel int8 weights, "
             "uint8 activations, MinMax calibration", "calibration_images": len(calibration),
-            "top1": accuracy(int8, data), "top1_fp32": manifest["accuracy"]["top1"],
-            "top1_agreement_with_fp32": agreement.top1_agreement,
+            "top1": _top1(logits, data), "top1_fp32": manifest["accuracy"]["top1"],
+            "top1_agreement_with_fp32": compare(fp32_logits, logits, images=len(logits)).top1_agreement,
             "latency": dataclasses.asdict(latency), "latency_fp32": manifest["latency"]}

@@ -2,7 +2,7 @@
 
 One function per step, shared by latency tables (every layer of a space), ``nas.latency.measure`` (whole networks)
 and ``nas deploy`` (the file a user ships), so a table measures the very graph that deployment writes:
-:func:`to_onnx` exports, :func:`quantize_int8` quantises it, :func:`session` opens it, :func:`runner` gives a
+:func:`to_onnx` exports, :func:`quantize_int8` quantises it, :func:`session` opens it, :class:`Compiled` gives a
 callable to time. onnx and onnxruntime come with the ``deploy`` extra; without it these raise one line naming the
 pip command.
 """
@@ -160,8 +160,3 @@ class Compiled:
         sess, feed = session(self.model, self.threads), {INPUT: self.example.numpy()}
         return functools.partial(sess.run, None, feed)
 
-
-def runner(module: nn.Module, example: torch.Tensor, runtime: str, threads: int | None = None
-           ) -> Callable[[], object]:
-    """A callable running ``module`` on ``example`` once in ``runtime``."""
-    return Compiled(module, example, runtime, threads).runner()

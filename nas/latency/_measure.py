@@ -36,6 +36,12 @@ class Measurement:
     batch_size: int
     runtime: str = "torch"
 
+    @classmethod
+    def of(cls, times: list[float], device: str, threads: int, batch_size: int, runtime: str) -> Measurement:
+        """The median and quartiles of ``times`` (ms), one call's timed runs."""
+        q1, med, q3 = statistics.quantiles(times, n=4, method="inclusive")
+        return cls(med, q1, q3, len(times), device, threads, batch_size, runtime)
+
     @property
     def spread(self) -> float:
         """Interquartile range relative to the median: the run-to-run noise of this measurement."""
@@ -195,8 +201,7 @@ def measure_module(model: nn.Module, input_shape: tuple[int, ...], *, device: st
     x = torch.randn(input_shape, device=dev)
     with num_threads(threads) as n, torch.inference_mode():
         times = time_call(Compiled(model.to(dev), x, runtime, threads).runner(), dev, warmup=warmup, repeats=repeats)
-    q1, med, q3 = statistics.quantiles(times, n=4, method="inclusive")
-    return Measurement(med, q1, q3, repeats, str(dev), n, input_shape[0], runtime)
+    return Measurement.of(times, str(dev), n, input_shape[0], runtime)
 
 
 def measure(spec: NetworkSpec, *, device: str = "cpu", batch_size: int = 1, threads: int | None = None,

@@ -337,7 +337,7 @@ def profile(space: SearchSpace, *, device: str = "cpu", threads: int | None = No
         overhead = {shape: median_of_rounds(t) for shape, t in zip(shapes, times[len(layers):], strict=True)}
         # A layer within the overhead's noise keeps a tenth of its time: positive, and negligible in any sum.
         table = {layer: max(median_of_rounds(t) - overhead.get((layer.in_channels, layer.size), 0.0),
-                            0.1 * median_of_rounds(t)) for layer, t in zip(layers, times, strict=False)}
+                            0.1 * median_of_rounds(t)) for layer, t in zip(layers, times[:len(layers)], strict=True)}
         measured = np.array([median_of_rounds(t) for t in time_networks(specs, rounds=rounds, repeats=repeats,
                                                                          progress=bar, **net_kw)])
     sums = np.array([Predictor(space, fp, table, 1.0, 0.0).layer_sum(spec) for spec in specs])
