@@ -186,7 +186,8 @@ def _add_device_args(p: argparse.ArgumentParser) -> None:
                    help="batch size to measure at (default 1)")
     p.add_argument("--runtime", default="torch", choices=RUNTIMES,
                    help="the runtime the network will run in: torch (eager, default), onnxruntime or onnxruntime-int8 "
-                        "(those two need the deploy extra)")
+                        "(those two need the deploy extra), executorch (XNNPACK, the phone path; the executorch "
+                        "extra; its table lowers each layer once, 1-2 s each here)")
     p.add_argument("--table", default=None,
                    help="use this latency table file instead of the one for this device under <results>/latency/")
     p.add_argument("--force", action="store_true",
@@ -416,7 +417,9 @@ def _add_deploy(p: argparse.ArgumentParser) -> None:
     p.add_argument("--weights", required=True,
                    help="a 'nas train' checkpoint, or 'supernet': the weights the spec inherits from the study's "
                         "supernet (--study), BN recalibrated as in the search")
-    p.add_argument("--format", dest="fmt", choices=FORMATS, default="onnx", help="what to write (default onnx)")
+    p.add_argument("--format", dest="fmt", choices=FORMATS, default="onnx",
+                   help="what to write (default onnx); executorch writes an ExecuTorch program (.pte, XNNPACK "
+                        "delegate, batch 1) for phones")
     p.add_argument("--out", required=True, help="the folder to write (replaced): model, spec.yaml, manifest.json")
     p.add_argument("--quantize", choices=("int8",), default=None,
                    help="int8: also write model.int8.onnx, statically quantised with onnxruntime (--format onnx)")

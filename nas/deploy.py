@@ -1,5 +1,6 @@
-"""``nas deploy``: a found network leaves with its weights, as ONNX (optionally int8), TorchScript, a torch.export
-program or a state dict, with a manifest saying how to feed it, what it scores and how fast it runs.
+"""``nas deploy``: a found network leaves with its weights, as ONNX (optionally int8), an ExecuTorch program
+(XNNPACK), TorchScript, a torch.export program or a state dict, with a manifest saying how to feed it, what it
+scores and how fast it runs.
 
 Every export is checked before it is written: the file is loaded back in its runtime and its logits compared
 with PyTorch's on real validation images (max abs difference at most ``TOLERANCE``, identical top-1), or the
@@ -27,15 +28,16 @@ from nas._schema import SpecError, ensure_writable, results_root, to_data, write
 from nas.data import MEAN, STD, DataSplit, load_for
 from nas.latency import Measurement, num_threads, time_call
 from nas.model import Network, build_model
-from nas.runtime import INPUT, quantize_int8, session, to_onnx
+from nas.runtime import INPUT, pte_method, quantize_int8, require, session, to_onnx, to_pte
 from nas.spec import NetworkSpec, save_spec
 from nas.supernet import Supernet, recalibrate_bn
 from nas.train import calibration_batches, load_checkpoint, precise_bn
 
-FORMATS = ("onnx", "torchscript", "exported", "state_dict")
-MODEL_FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt", "exported": "model.pt2",
-               "state_dict": "model.state_dict.pt"}
-RUNTIME_OF = {"onnx": "onnxruntime", "torchscript": "torchscript", "exported": "torch.export", "state_dict": "torch"}
+FORMATS = ("onnx", "executorch", "torchscript", "exported", "state_dict")
+MODEL_FILES = {"onnx": "model.onnx", "executorch": "model.pte", "torchscript": "model.torchscript.pt",
+               "exported": "model.pt2", "state_dict": "model.state_dict.pt"}
+RUNTIME_OF = {"onnx": "onnxruntime", "executorch": "executorch", "torchscript": "torchscript",
+              "exported": "torch.export", "state_dict": "torch"}
 TOLERANCE = 1e-4  # max abs difference of logits between PyTorch and the exported file
 CHECK_IMAGES = 1000  # validation images the check compares on
 BATCH = 250
@@ -156,6 +158,12 @@ def _onnx_predict(model: bytes | Path, threads: int | None) -> Predict:
     return lambda x: sess.run(None, {INPUT: x.numpy()})[0]
 
 
+def _pte_predict(program: Path, threads: int | None) -> Predict:
+    method = pte_method(program, threads)
+    # The program has batch 1, as a phone runs it: a batch is fed image by image.
+    return lambda x: np.concatenate([method.execute([image[None]])[0].numpy() for image in x])
+
+
 def _latency(predict: Predict, example: torch.Tensor, runtime: str, threads: int | None, repeats: int
              ) -> Measurement:
     with num_threads(threads) as n:
@@ -165,10 +173,13 @@ def _latency(predict: Predict, example: torch.Tensor, runtime: str, threads: int
 
 def _write(fmt: str, model: Network, example: torch.Tensor, path: Path, threads: int | None) -> Predict:
     """Write ``model`` in ``fmt`` to ``path`` and return the file, loaded back, as a predictor (an onnxruntime
-    session with ``threads``)."""
+    session or an ExecuTorch method with ``threads``)."""
     if fmt == "onnx":
         path.write_bytes(to_onnx(model, example))
         return _onnx_predict(path, threads)
+    if fmt == "executorch":
+        path.write_bytes(to_pte(model, example))
+        return _pte_predict(path, threads)
     if fmt == "torchscript":
         with warnings.catch_warnings():  # deprecated in torch 2.14, still what C++/mobile torch loads
             warnings.simplefilter("ignore")
@@ -200,6 +211,8 @@ def deploy(weights: Weights, out: str | os.PathLike[str], *, fmt: str = "onnx", 
         raise SpecError("quantize", "int8 quantisation is onnxruntime's: use it with --format onnx")
     if calibration_images < 1:
         raise SpecError("calibration_images", f"{calibration_images} must be positive")
+    if fmt in ("onnx", "executorch"):  # before any work: the runtime that checks the file is installed
+        require("format", RUNTIME_OF[fmt])
     out = Path(out)
     ensure_writable(out.parent, "deploy folder")
     say = print if progress else (lambda *_a, **_k: None)

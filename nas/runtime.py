@@ -1,10 +1,12 @@
-"""The runtimes a network is measured and deployed in: PyTorch eager, onnxruntime fp32, onnxruntime int8.
+"""The runtimes a network is measured and deployed in: PyTorch eager, onnxruntime fp32, onnxruntime int8, and
+ExecuTorch with its XNNPACK delegate (the phone path).
 
 One function per step, shared by latency tables (every layer of a space), ``nas.latency.measure`` (whole networks)
 and ``nas deploy`` (the file a user ships), so a table measures the very graph that deployment writes:
-:func:`to_onnx` exports, :func:`quantize_int8` quantises it, :func:`session` opens it, :class:`Compiled` gives a
-callable to time. onnx and onnxruntime come with the ``deploy`` extra; without it these raise one line naming the
-pip command.
+:func:`to_onnx` exports, :func:`quantize_int8` quantises it, :func:`session` opens it; :func:`to_pte` lowers to an
+ExecuTorch program and :func:`pte_method` opens it; :class:`Compiled` gives a callable to time. onnx and onnxruntime
+come with the ``deploy`` extra, executorch with the ``executorch`` extra; without them these raise one line naming
+the pip command.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ import contextlib
 import functools
 import io
 import logging
+import os
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator
@@ -25,7 +28,10 @@ from torch import nn
 
 from nas._schema import SpecError
 
-RUNTIMES = ("torch", "onnxruntime", "onnxruntime-int8")
+RUNTIMES = ("torch", "onnxruntime", "onnxruntime-int8", "executorch")
+# What each non-torch runtime imports, and the extra that installs it.
+NEEDS = {"onnxruntime": ("deploy", ("onnx", "onnxruntime")), "onnxruntime-int8": ("deploy", ("onnx", "onnxruntime")),
+         "executorch": ("executorch", ("executorch",))}
 OPSET = 17  # HardSwish/HardSigmoid are native since 14; 17 is what onnxruntime's quantiser handles best
 INPUT, OUTPUT = "input", "logits"
 INT8_CALIBRATION_INPUTS = 4  # random inputs calibrating a layer's int8 graph: its latency does not depend on scales
@@ -36,13 +42,16 @@ def check_runtime(runtime: str, field: str = "runtime") -> None:
         raise SpecError(field, f"{runtime!r} is not one of {', '.join(RUNTIMES)}")
 
 
-def require(field: str = "runtime") -> None:
-    """A SpecError at ``field`` unless onnx and onnxruntime are installed (the ``deploy`` extra)."""
-    try:
-        import onnx  # noqa: F401
-        import onnxruntime  # noqa: F401
-    except ImportError as e:
-        raise SpecError(field, f"needs {e.name}, which is not installed: pip install 'nas[deploy]'") from None
+def require(field: str = "runtime", runtime: str = "onnxruntime") -> None:
+    """A SpecError at ``field`` unless ``runtime``'s packages are installed (its extra, see ``NEEDS``)."""
+    if runtime not in NEEDS:
+        return
+    extra, modules = NEEDS[runtime]
+    for module in modules:
+        try:
+            __import__(module)
+        except ImportError:
+            raise SpecError(field, f"needs {module}, which is not installed: pip install 'nas[{extra}]'") from None
 
 
 @contextlib.contextmanager
@@ -63,7 +72,7 @@ def to_onnx(module: nn.Module, example: torch.Tensor, *, dynamic_batch: bool = T
     latency table exports every layer of a space (880 for mobilenetv3_compact), so 45 s against 12 minutes.
     Deployment uses the same exporter, so a table measures the graph ``nas deploy`` ships. Outputs match PyTorch
     (``nas deploy`` checks each export on real images with onnxruntime)."""
-    require()
+    require("runtime", "onnxruntime")
     buffer = io.BytesIO()
     axes = {INPUT: {0: "batch"}, OUTPUT: {0: "batch"}} if dynamic_batch else None
     with _quiet_export(), torch.no_grad():
@@ -85,6 +94,57 @@ class Empty(nn.Module):
         return x[:, :1, :1, :1] * 2
 
 
+@contextlib.contextmanager
+def _no_stderr() -> Iterator[None]:
+    # ExecuTorch's C++ runtime logs to file descriptor 2 on start and on each thread-pool change (CPU-info probes,
+    # "Resetting threadpool"): lines a user cannot act on, between a progress bar and a one-line error.
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "wb") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
+def to_pte(module: nn.Module, example: torch.Tensor) -> bytes:
+    """``module`` (eval mode) as an ExecuTorch program (``.pte``) for ``example``'s shape, every operator XNNPACK
+    supports delegated to it (the CPU backend ExecuTorch ships for Android, iOS and Linux). The method is ``forward``.
+    Lowering is ExecuTorch's own pipeline: torch.export, the edge dialect, XNNPACK partitioning; it takes 1-2 s a
+    layer here, which a latency table pays once per layer."""
+    require(runtime="executorch")
+    # Importing it registers torchao's enums with torch's pytree, which logs a deprecation warning a user cannot act on.
+    logging.getLogger("torch.utils._pytree").setLevel(logging.ERROR)
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+    from executorch.exir import to_edge_transform_and_lower
+
+    with _quiet_export(), torch.no_grad():
+        program = torch.export.export(module.eval(), (example,))
+        return to_edge_transform_and_lower(program, partitioner=[XnnpackPartitioner()]).to_executorch().buffer
+
+
+def pte_method(program: bytes | Path, threads: int | None = None) -> Any:
+    """The ``forward`` method of an ExecuTorch program, loaded in ExecuTorch's runtime, with its thread pool (one
+    per process) at ``threads`` (default torch's current count, as for onnxruntime). Call ``.execute([x])``."""
+    require(runtime="executorch")
+    from executorch.extension.pybindings import portable_lib
+    from executorch.runtime import Runtime
+
+    n = threads or torch.get_num_threads()
+    with _no_stderr():
+        runtime = Runtime.get()
+        if portable_lib._threadpool_get_thread_count() != n:  # the documented (if experimental) way to size it
+            portable_lib._unsafe_reset_threadpool(n)
+    source = program.read_bytes() if isinstance(program, Path) else program
+    program = runtime.load_program(source)
+    method = program.load_method("forward")
+    # A Method does not keep its Program (which owns the bytes and the memory arenas) alive: once the Program is
+    # collected, execute fails with error 0x10. The method holds it.
+    method.program = program
+    return method
+
+
 class _Reader:
     """onnxruntime's CalibrationDataReader protocol over float32 batches."""
 
@@ -102,7 +162,7 @@ def quantize_int8(model: bytes, calibration: Iterable[np.ndarray]) -> bytes:
     the deployed one, and onnxruntime runs it on every platform it supports. Activations are uint8 (U8S8), as
     onnxruntime advises for x86: int8 activations (S8S8) ran the compact reference in 1.56 ms here against 0.27 ms
     for U8S8 (one thread, batch 1)."""
-    require("quantize")
+    require("quantize", "onnxruntime")
     import onnx
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -121,7 +181,7 @@ def quantize_int8(model: bytes, calibration: Iterable[np.ndarray]) -> bytes:
 def session(model: bytes | str | Path, threads: int | None = None) -> Any:
     """An onnxruntime CPU session with ``threads`` intra-op threads (default: torch's current count, so a table's
     fingerprint means the same in both runtimes), one inter-op thread, all graph optimisations."""
-    require()
+    require("runtime", "onnxruntime")
     import onnxruntime as ort
 
     options = ort.SessionOptions()
@@ -135,9 +195,9 @@ def session(model: bytes | str | Path, threads: int | None = None) -> Any:
 
 
 class Compiled:
-    """A module prepared for ``runtime`` once (its ONNX export, quantised for int8), then opened as a fresh
-    callable on each :meth:`runner` call: a latency table visits every layer in several rounds, and exporting is
-    the costly step."""
+    """A module prepared for ``runtime`` once (its ONNX export, quantised for int8; its ExecuTorch program), then
+    opened as a fresh callable on each :meth:`runner` call: a latency table visits every layer in several rounds,
+    and exporting is the costly step."""
 
     def __init__(self, module: nn.Module, example: torch.Tensor, runtime: str, threads: int | None = None):
         check_runtime(runtime)
@@ -147,6 +207,9 @@ class Compiled:
             return
         if example.device.type != "cpu":
             raise SpecError("runtime", f"{runtime} runs on the CPU here; measure it with device cpu")
+        if runtime == "executorch":
+            self.model = to_pte(module, example)
+            return
         self.model = to_onnx(module, example, dynamic_batch=False)
         if runtime == "onnxruntime-int8":
             g = torch.Generator().manual_seed(0)
@@ -157,6 +220,8 @@ class Compiled:
         """A callable running the module once on the example input (in torch: call it under inference mode)."""
         if self.runtime == "torch":
             return functools.partial(self.module, self.example)
+        if self.runtime == "executorch":
+            return functools.partial(pte_method(self.model, self.threads).execute, [self.example])
         sess, feed = session(self.model, self.threads), {INPUT: self.example.numpy()}
         return functools.partial(sess.run, None, feed)
 

@@ -63,8 +63,9 @@ class SearchConfig:
     latency_device: str = field(default="cpu", metadata=_help(
         "the device the network will run on, where latency is measured: cpu, cuda or cuda:N"))
     runtime: str = field(default="torch", metadata=_help(
-        "the runtime the network will be deployed in, whose latency the table predicts: torch (eager), onnxruntime "
-        "or onnxruntime-int8 (the last two need the deploy extra)", choices=RUNTIMES))
+        "the runtime the network will be deployed in, whose latency the table predicts: torch (eager), onnxruntime, "
+        "onnxruntime-int8 (these two need the deploy extra) or executorch (XNNPACK; the executorch extra)",
+        choices=RUNTIMES))
     data_dir: str = field(default="data", metadata=_help(
         "where cifar10 and flowers102 are downloaded, and decoded images cached"))
     results: str | None = field(default=None, metadata=_help(

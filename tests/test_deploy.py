@@ -88,6 +88,22 @@ def test_other_formats_load_back_and_match(trained: tuple[Path, Path], fmt: str)
     assert m["check"]["passed"] and m["accuracy"]["top1"] == m["accuracy"]["pytorch_top1"]
 
 
+def test_executorch_program_loads_back_in_executorch_and_matches(trained: tuple[Path, Path]) -> None:
+    from executorch.runtime import Runtime
+
+    work, ckpt = trained
+    spec, data = load_for(nas.load_spec("mobilenet_v3_compact"), "digits", seed=0)
+    weights = from_checkpoint(spec, ckpt, "digits")
+    m = deploy(weights, work / "pte", fmt="executorch", repeats=5, progress=False)
+    assert m["model"] == "model.pte" and m["latency"]["runtime"] == "executorch" and m["check"]["passed"]
+    # Checked independently: the file opened with ExecuTorch's own runtime, image by image (the program is batch 1).
+    method = Runtime.get().load_program(work / "pte" / "model.pte").load_method("forward")
+    x, _ = next(data.batches("val", 8, shuffle=False))
+    got = torch.cat([method.execute([image[None]])[0] for image in x])
+    with torch.no_grad():
+        torch.testing.assert_close(got, weights.model(x), atol=1e-4, rtol=0)
+
+
 def test_a_failed_check_fails_and_writes_nothing(trained: tuple[Path, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     work, ckpt = trained
     monkeypatch.setattr("nas.deploy.TOLERANCE", -1.0)  # no export can meet it
@@ -121,6 +137,12 @@ def test_bad_deploy_input_is_one_line(trained: tuple[Path, Path]) -> None:
             f"sys.exit(main(['deploy', 'mobilenet_v3_compact', '--weights', {str(ckpt)!r}, '--out', 'x']))")
     r = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "pip install 'nas[deploy]'" in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    code = ("import sys; sys.modules['executorch'] = None; from nas.cli import main; "
+            f"sys.exit(main(['deploy', 'mobilenet_v3_compact', '--weights', {str(ckpt)!r}, '--out', 'x', "
+            "'--format', 'executorch']))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=work, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "pip install 'nas[executorch]'" in r.stderr and len(r.stderr.splitlines()) == 1, \
+        r.stderr
 
 
 def test_search_under_onnxruntime_latency_then_deploy_the_top_pick_from_the_supernet(tmp_path: Path) -> None:
@@ -160,3 +182,30 @@ def test_runtime_latency_tables_are_measured_in_that_runtime(tmp_path: Path, run
     assert load_predictor(space, runtime=runtime, root=tmp_path).table == predictor.table
     assert not load_predictor(space, root=tmp_path, progress=False).path.samefile(predictor.path)
     assert measure(space.smallest(), runtime=runtime, repeats=5).runtime == runtime
+
+
+
+
+def test_executorch_latency_table_of_a_micro_space(tmp_path: Path) -> None:
+    # ExecuTorch lowers each layer in 1-2 s, so this uses a space of a few layers, its members far apart. At this
+    # scale a graph's call (7-10 us) is much of each layer, so the fit is no guide; the built-in spaces' fits are
+    # benchmarked (tests/benchmarks/bench_deploy.py).
+    path = tmp_path / "micro.yaml"
+    path.write_text("""format_version: 1
+name: micro
+input: {resolution: 64, channels: 3}
+num_classes: 4
+stem: {out_channels: 8, kernel: 3, stride: 2, activation: hswish}
+stages:
+- {depth: [1], width: [8, 32], stride: 1, kernel: [3], expand_ratio: [2, 6], se: [false], activation: [relu]}
+last_conv: {out_channels: [32, 48], activation: hswish}
+classifier: {hidden: [32], activation: hswish, dropout: 0.0}
+""")
+    space = load_space(str(path))
+    r = nas_cmd("latency", "build", "--space", str(path), "--runtime", "executorch", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    predictor = load_predictor(space, runtime="executorch", root=tmp_path / "results/latency")
+    assert predictor.fingerprint.runtime == "executorch" and "-executorch-" in predictor.path.name
+    assert all(ms > 0 for ms in predictor.table.values())
+    assert predictor.layer_sum(space.largest()) > predictor.layer_sum(space.smallest())
+    assert measure(space.smallest(), runtime="executorch", repeats=5).runtime == "executorch"

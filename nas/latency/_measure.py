@@ -163,12 +163,23 @@ def time_interleaved(n: int, make: Callable[[int], Callable[[], object]], device
     return samples
 
 
-def visits(compile: Callable[[int], Compiled], runtime: str) -> Callable[[int], Callable[[], object]]:
-    """``time_interleaved``'s ``make`` over ``compile(i)``. In torch each visit compiles afresh, so nothing large stays
-    in memory; other runtimes export each call once and open it afresh per visit, since exporting is the costly
-    step."""
-    cached = functools.cache(compile)
-    return lambda i: (compile(i) if runtime == "torch" else cached(i)).runner()
+def visits(compile: Callable[[int], Compiled], runtime: str, n: int, progress: tqdm | None = None
+           ) -> Callable[[int], Callable[[], object]]:
+    """``time_interleaved``'s ``make`` over ``compile(i)`` for ``i < n``. In torch each visit compiles afresh, so
+    nothing large stays in memory. Other runtimes prepare every call first (export, quantise or lower: the costly
+    step, 1-2 s a layer in ExecuTorch), once each and before any timing, so no export runs between the timings of a
+    round; each visit opens the prepared call afresh. ``progress`` counts the preparations."""
+    if runtime == "torch":
+        return lambda i: compile(i).runner()
+    if progress is not None:
+        progress.total += n
+        progress.refresh()
+    ready = []
+    for i in range(n):
+        ready.append(compile(i))
+        if progress is not None:
+            progress.update()
+    return lambda i: ready[i].runner()
 
 
 def median_of_rounds(rounds: list[list[float]]) -> float:
@@ -178,18 +189,27 @@ def median_of_rounds(rounds: list[list[float]]) -> float:
 
 def time_networks(specs: list[NetworkSpec], *, device: str = "cpu", threads: int | None = None, batch_size: int = 1,
                   rounds: int, warmup: int, repeats: int, seed: int = 0, progress: tqdm | None = None,
-                  runtime: str = "torch") -> list[list[list[float]]]:
+                  runtime: str = "torch", prepared: dict[NetworkSpec, Compiled] | None = None
+                  ) -> list[list[list[float]]]:
     """``time_interleaved`` over ``nas.build_model(spec)`` of each spec in ``runtime``: real networks, never a
-    supernet."""
+    supernet. Outside torch each distinct architecture is exported once, into ``prepared`` when given (so another
+    call reuses it)."""
     dev = resolve_device(device)
+    prepared = {} if prepared is None else prepared
 
     def compiled(i: int) -> Compiled:
+        key = specs[i].without_metadata()
+        if key in prepared:
+            return prepared[key]
         r = specs[i].input.resolution
         x = torch.randn(batch_size, specs[i].input.channels, r, r, device=dev)
-        return Compiled(build_model(specs[i]).to(dev), x, runtime, threads)
+        c = Compiled(build_model(specs[i]).to(dev), x, runtime, threads)
+        if runtime != "torch":
+            prepared[key] = c
+        return c
 
-    call = visits(compiled, runtime)
     with num_threads(threads), torch.inference_mode():
+        call = visits(compiled, runtime, len(specs), progress)
         return time_interleaved(len(specs), call, dev, rounds=rounds, warmup=warmup, repeats=repeats, seed=seed,
                                 progress=progress)
 

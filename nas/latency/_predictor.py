@@ -148,7 +148,7 @@ class Fingerprint:
         if runtime != "torch":
             if dev.type != "cpu":
                 raise SpecError("runtime", f"{runtime} is measured on the CPU here, not {device!r}")
-            require()
+            require("runtime", runtime)
         return cls(dev.type, processor, threads or torch.get_num_threads(), batch_size, torch.__version__, runtime)
 
     @property
@@ -296,12 +296,6 @@ def profile(space: SearchSpace, *, device: str = "cpu", threads: int | None = No
     if others is not None and others > MAX_BUSY_SHARE:
         enforce(_refuse(space, f"other programs are using {others:.0%} of this machine's CPU time (limit "
                                f"{MAX_BUSY_SHARE:.0%}), so every layer would be timed slow"))
-    probe = time_networks(anchors, rounds=PROBE_ROUNDS, repeats=5, **net_kw)
-    worst = max(_disagreement(_middle(t), floor_ms=0.1) for t in probe)
-    if worst > PROBE_SPREAD:
-        enforce(_refuse(space, f"the same network's timings varied by {worst:.0%} across {PROBE_ROUNDS} rounds "
-                             f"(limit {PROBE_SPREAD:.0%}), so the machine is too busy for a trustworthy table"))
-
     # In onnxruntime each layer runs as a graph of its own and pays for the call and for feeding it its input (7-12 us
     # here, most of a small layer's time), which inside a whole network it does not. An empty graph on each distinct
     # input shape (nas.runtime.Empty), timed in the same rounds as the layers (the last calls), measures that cost,
@@ -316,11 +310,17 @@ def profile(space: SearchSpace, *, device: str = "cpu", threads: int | None = No
         module = layers[i].module(space.batch_norm).to(dev)
         return Compiled(module, _layer_input(layers[i], batch_size, dev), runtime, threads)
 
-    layer_call = visits(compile_call, runtime)
     kw = {"warmup": warmup, "repeats": repeats, "seed": seed}
-    with tqdm(total=rounds * (calls + len(specs)), desc=f"latency table {space.name} ({runtime})", unit="call",
-              disable=not progress, dynamic_ncols=True) as bar:
+    prepared: dict[NetworkSpec, Compiled] = {}  # outside torch: each network exported once, for the probe and the fit
+    with tqdm(total=(rounds * (calls + len(specs)) + PROBE_ROUNDS * len(anchors)), unit="call",
+              desc=f"latency table {space.name} ({runtime})", disable=not progress, dynamic_ncols=True) as bar:
+        probe = time_networks(anchors, rounds=PROBE_ROUNDS, repeats=5, progress=bar, prepared=prepared, **net_kw)
+        worst = max(_disagreement(_middle(t), floor_ms=0.1) for t in probe)
+        if worst > PROBE_SPREAD:
+            enforce(_refuse(space, f"the same network's timings varied by {worst:.0%} across {PROBE_ROUNDS} rounds "
+                                 f"(limit {PROBE_SPREAD:.0%}), so the machine is too busy for a trustworthy table"))
         with num_threads(threads), torch.inference_mode():
+            layer_call = visits(compile_call, runtime, calls, bar)
             times = time_interleaved(calls, layer_call, dev, rounds=rounds, progress=bar, **kw)
             # Layers whose rounds disagree met a burst of noise: measure them again, then judge the middle rounds.
             again = [i for i, t in enumerate(times) if _disagreement(t, LAYER_FLOOR_MS) > LAYER_SPREAD]
@@ -339,7 +339,7 @@ def profile(space: SearchSpace, *, device: str = "cpu", threads: int | None = No
         table = {layer: max(median_of_rounds(t) - overhead.get((layer.in_channels, layer.size), 0.0),
                             0.1 * median_of_rounds(t)) for layer, t in zip(layers, times[:len(layers)], strict=True)}
         measured = np.array([median_of_rounds(t) for t in time_networks(specs, rounds=rounds, repeats=repeats,
-                                                                         progress=bar, **net_kw)])
+                                                                         progress=bar, prepared=prepared, **net_kw)])
     sums = np.array([Predictor(space, fp, table, 1.0, 0.0).layer_sum(spec) for spec in specs])
     # Least squares on relative error (weights 1/measured), since the goal is a percentage error. One scale per
     # feature-map size was tried too: within noise of this on both built-in spaces, with more to overfit.

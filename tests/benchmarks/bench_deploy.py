@@ -1,6 +1,6 @@
 """Deploy: are exports exact, what does int8 cost, which runtime is fastest here, and does the onnxruntime latency
 predictor meet the torch predictor's goals? (issue: deploy)
-Run: python tests/benchmarks/bench_deploy.py [export] [runtimes] [predictor]
+Run: python tests/benchmarks/bench_deploy.py [export] [runtimes] [isolation] [predictor] [executorch-predictor]
 
 export: ONNX against PyTorch (max abs logit difference <= 1e-4, identical top-1) for mobilenet_v3_small (1 epoch
   on digits at 224px; digits has 359 validation images), the compact space's MobileNetV3 reference trained on
@@ -8,11 +8,16 @@ export: ONNX against PyTorch (max abs logit difference <= 1e-4, identical top-1)
   its checkpoint) on 1,000 CIFAR-10 validation images, and the top network of the default digits search (supernet
   weights). int8 (onnxruntime static, 512 calibration images) against fp32 on all 10,000 CIFAR-10 validation
   images for the trained compact reference: goal a loss of at most 1.0 point.
-runtimes: latency of those networks in torch eager, onnxruntime fp32 and int8, at 1 and 2 threads, timed side by
-  side in interleaved rounds.
+runtimes: latency of those networks in torch eager, onnxruntime fp32 and int8, and ExecuTorch (XNNPACK), at 1 and 2
+  threads, timed side by side in interleaved rounds.
+isolation: does a network cost the sum of its layers timed alone (what a latency table adds up), in each runtime?
+  Each layer of mobilenet_v3_small and of the compact reference is timed as a graph of its own beside the whole
+  network, with the per-call cost of an empty graph on each input shape taken off (as tables do).
 predictor: onnxruntime latency tables of mobilenetv3_compact and mobilenetv3_small, validated on 100 random
   networks each (drift-calibrated first, as a search uses them): goals >= 95% within +-10% relative to the
   reference and Kendall tau >= 0.9.
+executorch-predictor: the same for an ExecuTorch table of mobilenetv3_compact (about 25 minutes to build here, as
+  ExecuTorch lowers each of its 880 layers in 1-2 s).
 """
 
 from __future__ import annotations
@@ -33,8 +38,16 @@ from bench_verify import SIZES
 import nas
 from nas.data import load_for
 from nas.deploy import CHECK_IMAGES, Weights, deploy, from_checkpoint, from_study
-from nas.latency import calibrate, load_predictor, median_of_rounds, num_threads, time_interleaved, validate
-from nas.runtime import Compiled
+from nas.latency import (
+    calibrate,
+    layers_of,
+    load_predictor,
+    median_of_rounds,
+    num_threads,
+    time_interleaved,
+    validate,
+)
+from nas.runtime import Compiled, Empty
 from nas.search import SearchConfig, run_search
 from nas.space import load_space
 from nas.standalone import checkpoint_for, train_network
@@ -44,7 +57,8 @@ ROOT = Path(__file__).resolve().parents[2]
 OUT = Path(os.environ.get("OUT", ROOT / "results" / "benchmarks"))
 WORK = OUT / "deploy"
 CIFAR_WORK = OUT / "cifar10-verify"  # bench_verify's: its extracted images, decode cache and checkpoints
-RUNTIMES = ("torch", "onnxruntime", "onnxruntime-int8")
+RUNTIMES = ("torch", "onnxruntime", "onnxruntime-int8", "executorch")
+ISOLATION_RUNTIMES = ("torch", "onnxruntime", "executorch")
 PREDICTOR_SPACES = ("mobilenetv3_compact", "mobilenetv3_small")
 
 
@@ -124,16 +138,54 @@ def runtimes(nets: dict[str, Weights]) -> None:
     write_section("deploy-runtimes", "Deploy: latency per runtime on this machine",
                   "`python tests/benchmarks/bench_deploy.py runtimes`: batch 1, median ms over 5 interleaved rounds "
                   "of 20 timed runs (after 10 warm-up runs) per runtime, the three runtimes side by side in each "
-                  "round. int8 is onnxruntime static QDQ quantisation (uint8 activations, int8 weights).\n\n"
-                  "| network | threads | torch eager | onnxruntime fp32 | onnxruntime int8 | fastest |\n"
-                  "|---|---|---|---|---|---|\n" + "\n".join(rows))
+                  "round. int8 is onnxruntime static QDQ quantisation (uint8 activations, int8 weights); "
+                  "ExecuTorch is its XNNPACK delegate (fp32, the .pte `nas deploy --format executorch` writes).\n\n"
+                  "| network | threads | torch eager | onnxruntime fp32 | onnxruntime int8 | ExecuTorch (XNNPACK) | "
+                  "fastest |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows))
 
 
-def predictor() -> None:
+def isolation() -> None:
+    rows = []
+    specs = {"mobilenet_v3_small (224px)": nas.load_spec("mobilenet_v3_small"),
+             "compact reference (32px)": load_space("mobilenetv3_compact").reference_member()}
+    for name, spec in specs.items():
+        layers = layers_of(spec)
+        shapes = sorted({(layer.in_channels, layer.size) for layer in layers})
+        r = spec.input.resolution
+        for runtime in ISOLATION_RUNTIMES:
+            calls = [Compiled(layer.module(spec.batch_norm), torch.randn(1, layer.in_channels, layer.size, layer.size),
+                              runtime) for layer in layers]
+            calls += [Compiled(Empty(), torch.zeros(1, c, size, size), runtime) for c, size in shapes]
+            calls.append(Compiled(nas.build_model(spec), torch.randn(1, spec.input.channels, r, r), runtime))
+            with torch.inference_mode():
+                times = time_interleaved(len(calls), lambda i, c=calls: c[i].runner(), torch.device("cpu"), rounds=5,
+                                         warmup=5, repeats=20)
+            ms = [median_of_rounds(t) for t in times]
+            network = ms[-1]
+            call = dict(zip(shapes, ms[len(layers):-1], strict=True))
+            alone = sum(ms[:len(layers)])
+            # torch tables take nothing off (eager has no graph to enter), the others an empty graph's call
+            corrected = alone if runtime == "torch" else sum(
+                t - call[(layer.in_channels, layer.size)] for layer, t in zip(layers, ms, strict=False))
+            rows.append(f"| {name} | {len(layers)} | {runtime} | {network:.3f} | {alone:.3f} | {corrected:.3f} | "
+                        f"x{corrected / network:.2f} |")
+            print(rows[-1], flush=True)
+    write_section("deploy-isolation", "Deploy: does a network cost the sum of its layers timed alone?",
+                  "`python tests/benchmarks/bench_deploy.py isolation`: each layer of the network timed as a graph "
+                  "of its own (random input of its shape) beside the whole network, 5 interleaved rounds of 20 "
+                  "runs, batch 1, 2 threads; medians. A latency table adds up such layer times, then fits one scale "
+                  "and offset on whole networks, so it needs the last column near one value across networks.\n\n"
+                  "| network | layers | runtime | whole network ms | sum of layers alone ms | minus each graph's "
+                  "call (empty graph) ms | sum / network |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+
+
+def _predictors(spaces: tuple[str, ...], runtimes: tuple[str, ...]) -> tuple[list[str], list[str]]:
+    """Build each space's table in each runtime, calibrate its drift, validate it on 100 random networks: table rows,
+    and the refusals met on the way."""
     rows, refusals = [], []
-    for space_name in PREDICTOR_SPACES:
+    for space_name in spaces:
         space = load_space(space_name)
-        for runtime in ("onnxruntime", "torch"):
+        for runtime in runtimes:
             for attempt in range(1, 4):  # a build refuses on a busy machine (its job): wait, and try again
                 t = time.perf_counter()
                 try:
@@ -147,11 +199,22 @@ def predictor() -> None:
                 continue
             build_s = time.perf_counter() - t
             drift = calibrate(p)
+            t = time.perf_counter()
             v = validate(p.with_drift(drift.factor), space, n=100)
             rows.append(f"| {space_name} | {runtime} | {build_s:.0f} s | x{drift.factor:.3f} | "
                         f"{v.relative_within_10:.0%} ({v.relative_noise_within_10:.0%}) | {v.within_10:.0%} "
-                        f"({v.noise_within_10:.0%}) | {v.kendall_tau:.3f} ({v.noise_kendall_tau:.3f}) |")
+                        f"({v.noise_within_10:.0%}) | {v.kendall_tau:.3f} ({v.noise_kendall_tau:.3f}) | "
+                        f"{time.perf_counter() - t:.0f} s |")
             print(rows[-1], flush=True)
+    return rows, refusals
+
+
+PREDICTOR_HEADER = ("\n\n| space | runtime | build | drift | within +-10% relative to reference | "
+                    "within +-10% absolute | Kendall tau | validation wall |\n|---|---|---|---|---|---|---|---|\n")
+
+
+def predictor() -> None:
+    rows, refusals = _predictors(PREDICTOR_SPACES, ("onnxruntime", "torch"))
     write_section("deploy-predictor", "Deploy: the onnxruntime latency predictor",
                   "`python tests/benchmarks/bench_deploy.py predictor`: for each space, a table built in "
                   "onnxruntime fp32 (every layer exported as its own graph; the empty graph's call cost taken off "
@@ -159,14 +222,26 @@ def predictor() -> None:
                   "networks (4 interleaved rounds beside the reference); the torch table built and validated the "
                   "same way just after, side by side. In brackets: the measurement's own noise floor (its first two "
                   "rounds against its last two). Goals: >= 95% within +-10% relative to the reference, tau >= 0.9."
-                  "\n\n| space | runtime | build | drift | within +-10% relative to reference | within +-10% "
-                  "absolute | Kendall tau |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows) +
+                  + PREDICTOR_HEADER + "\n".join(rows) +
+                  "".join(f"\n\nRefused and retried a minute later: {r}" for r in refusals))
+
+
+def executorch_predictor() -> None:
+    rows, refusals = _predictors(("mobilenetv3_compact",), ("executorch",))
+    write_section("deploy-predictor-executorch", "Deploy: the ExecuTorch (XNNPACK) latency predictor",
+                  "`python tests/benchmarks/bench_deploy.py executorch-predictor`: the mobilenetv3_compact table "
+                  "built in ExecuTorch (every layer lowered to XNNPACK as a program of its own, all before any "
+                  "timing; the empty graph's call cost taken off each entry), then, straight after, drift "
+                  "calibration and `latency validate` on 100 random networks, each lowered whole (4 interleaved "
+                  "rounds beside the reference). In brackets: the measurement's own noise floor. The torch and "
+                  "onnxruntime predictors' goals: >= 95% within +-10% relative to the reference, tau >= 0.9."
+                  + PREDICTOR_HEADER + "\n".join(rows) +
                   "".join(f"\n\nRefused and retried a minute later: {r}" for r in refusals))
 
 
 def main() -> None:
-    parts = sys.argv[1:] or ["export", "runtimes", "predictor"]
-    unknown = set(parts) - {"export", "runtimes", "predictor"}
+    parts = sys.argv[1:] or ["export", "runtimes", "isolation", "predictor", "executorch-predictor"]
+    unknown = set(parts) - {"export", "runtimes", "isolation", "predictor", "executorch-predictor"}
     if unknown:
         sys.exit(f"unknown part(s): {', '.join(sorted(unknown))}")
     if "export" in parts or "runtimes" in parts:
@@ -175,8 +250,12 @@ def main() -> None:
             export(nets)
         if "runtimes" in parts:
             runtimes(nets)
+    if "isolation" in parts:
+        isolation()
     if "predictor" in parts:
         predictor()
+    if "executorch-predictor" in parts:
+        executorch_predictor()
 
 
 if __name__ == "__main__":
