@@ -70,28 +70,40 @@ class Validation:
         return "\n".join(lines)
 
 
+REFERENCE_COPIES = 8  # times the reference is visited per round (see validate)
+
+
 def validate(predictor: Predictor, space: SearchSpace, *, n: int = 100, seed: int = 1, worst: int = 5,
-             rounds: int = 4, progress: bool = True) -> Validation:
+             rounds: int = 4, reference_copies: int = REFERENCE_COPIES, progress: bool = True) -> Validation:
     """Sample ``n`` members, predict them, and time ``nas.build_model`` of each for real (never the supernet)
     in ``rounds`` interleaved sweeps, with the space's reference member among them. The prediction is compared with
     the median over all rounds, absolutely and relative to the reference; the noise floor compares the first half
     of the rounds with the second, two independent measurements. Calibrate ``predictor`` first
-    (``predictor.with_drift(nas.latency.calibrate(predictor).factor)``) to validate it as a search uses it."""
+    (``predictor.with_drift(nas.latency.calibrate(predictor).factor)``) to validate it as a search uses it.
+
+    The reference divides every relative figure, so an error in its one measurement would shift all of them the
+    same way: it is visited ``reference_copies`` times per round, at places spread by the shuffle, and measured
+    by the median over all those visits."""
     if rounds < 2:
         raise SpecError("rounds", f"{rounds}: the noise floor needs at least 2")
+    if reference_copies < 1:
+        raise SpecError("reference_copies", f"{reference_copies} must be positive")
     rng = random.Random(seed)
     specs: list[NetworkSpec] = [space.sample(rng) for _ in range(n)]
     reference = space.reference_member()
     fp = predictor.fingerprint
-    timed = specs if reference is None else [reference, *specs]
+    copies = 0 if reference is None else reference_copies
+    timed = [*([reference] * copies), *specs]
     with tqdm(total=rounds * len(timed), desc="measuring", unit="net", disable=not progress, dynamic_ncols=True) as bar:
         times = time_networks(timed, **fp.timing, rounds=rounds, warmup=3, repeats=10, seed=seed, progress=bar)
+    if copies:  # one call per network from here: the reference's copies pooled, round by round
+        times = [[[t for copy in times[:copies] for t in copy[r]] for r in range(rounds)], *times[copies:]]
+    k = 1 if copies else 0  # the reference comes first
     half = rounds // 2
     measured_all = [median_of_rounds(net) for net in times]
     first_all = [median_of_rounds(net[:half]) for net in times]
     second_all = [median_of_rounds(net[half:]) for net in times]
-    predicted_all = [predictor.predict(s) for s in timed]
-    k = 0 if reference is None else 1  # the reference was timed first
+    predicted_all = [predictor.predict(s) for s in timed[copies - k:]]
     measured, first, second, predicted = (v[k:] for v in (measured_all, first_all, second_all, predicted_all))
     errors = [(p - m) / m for p, m in zip(predicted, measured, strict=True)]
     spread = [abs(a - b) / a for a, b in zip(first, second, strict=True)]

@@ -127,7 +127,8 @@ def main() -> None:
         f"member's predicted latency. `nas verify` retrains {len(found)} distinct architectures spanning the "
         f"feasible front and the reference from scratch: {recipe.epochs} epochs, batch {recipe.batch_size}, lr "
         f"{recipe.lr} cosine, label smoothing {recipe.label_smoothing}, random crop and flip, BN statistics "
-        "re-estimated on 8 training batches. Measured latency: the table's threads and batch, median of 30 runs.\n\n"
+        "re-estimated on 8 training batches. Measured latency: once all are trained, with the table's threads and "
+        "batch, every network side by side in 4 interleaved rounds of 10 runs; median.\n\n"
         "| figure | value |\n|---|---|\n" + "\n".join(lines) + "\n\n" + "\n".join(rows))
 
 
