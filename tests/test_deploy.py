@@ -186,7 +186,7 @@ def test_runtime_latency_tables_are_measured_in_that_runtime(tmp_path: Path, run
 
 
 
-def test_executorch_latency_table_of_a_micro_space(tmp_path: Path) -> None:
+def test_executorch_table_search_and_deploy_on_a_micro_space(tmp_path: Path) -> None:
     # ExecuTorch lowers each layer in 1-2 s, so this uses a space of a few layers, its members far apart. At this
     # scale a graph's call (7-10 us) is much of each layer, so the fit is no guide; the built-in spaces' fits are
     # benchmarked (tests/benchmarks/bench_deploy.py).
@@ -209,3 +209,12 @@ classifier: {hidden: [32], activation: hswish, dropout: 0.0}
     assert all(ms > 0 for ms in predictor.table.values())
     assert predictor.layer_sum(space.largest()) > predictor.layer_sum(space.smallest())
     assert measure(space.smallest(), runtime="executorch", repeats=5).runtime == "executorch"
+    # The search finds the table it needs, and its top pick leaves as a checked ExecuTorch program.
+    r = nas_cmd("search", "--space", str(path), "--budget", "3", "--supernet-epochs", "1", "--device", "cpu",
+                "--runtime", "executorch", "--latency-ms", "1", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    r = nas_cmd("deploy", "--weights", "supernet", "--study", "micro-digits", "--rank", "1", "--format", "executorch",
+                "--out", "top", cwd=tmp_path)
+    assert r.returncode == 0, r.stderr
+    m = json.loads((tmp_path / "top/manifest.json").read_text())
+    assert m["model"] == "model.pte" and m["check"]["passed"] and m["latency"]["runtime"] == "executorch"
