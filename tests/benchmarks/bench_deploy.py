@@ -1,6 +1,7 @@
 """Deploy: are exports exact, what does int8 cost, which runtime is fastest here, and does the onnxruntime latency
 predictor meet the torch predictor's goals? (issue: deploy)
-Run: python tests/benchmarks/bench_deploy.py [export] [runtimes] [isolation] [predictor] [executorch-predictor]
+Run: python tests/benchmarks/bench_deploy.py [export] [runtimes] [isolation] [overhead] [predictor]
+     [executorch-predictor]
 
 export: ONNX against PyTorch (max abs logit difference <= 1e-4, identical top-1) for mobilenet_v3_small (1 epoch
   on digits at 224px; digits has 359 validation images), the compact space's MobileNetV3 reference trained on
@@ -16,6 +17,10 @@ isolation: does a network cost the sum of its layers timed alone (what a latency
 predictor: onnxruntime latency tables of mobilenetv3_compact and mobilenetv3_small, validated on 100 random
   networks each (drift-calibrated first, as a search uses them): goals >= 95% within +-10% relative to the
   reference and Kendall tau >= 0.9.
+overhead: outside torch, which per-call cost taken off each layer makes layer sums fit whole networks? 12
+  networks of mobilenetv3_compact (its largest, smallest, reference and 9 random), their layers timed alone in
+  onnxruntime and ExecuTorch, fitted raw, minus an empty graph of the layer's input (what tables do), and minus a
+  graph that writes an output of the layer's output shape.
 executorch-predictor: the same for an ExecuTorch table of mobilenetv3_compact (about 25 minutes to build here, as
   ExecuTorch lowers each of its 880 layers in 1-2 s).
 """
@@ -29,7 +34,9 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import cifar_images, write_section
@@ -45,6 +52,7 @@ from nas.latency import (
     median_of_rounds,
     num_threads,
     time_interleaved,
+    time_networks,
     validate,
 )
 from nas.runtime import Compiled, Empty
@@ -179,6 +187,70 @@ def isolation() -> None:
                   "call (empty graph) ms | sum / network |\n|---|---|---|---|---|---|---|\n" + "\n".join(rows))
 
 
+class _Output(nn.Module):
+    """A graph that reads one value of its input and writes an output of ``shape``: a call, its input fed, and an
+    output of a layer's size written and returned."""
+
+    def __init__(self, shape: tuple[int, ...]):
+        super().__init__()
+        self.shape = shape
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :1, :1, :1].reshape(1, *[1] * (len(self.shape) - 1)).expand(*self.shape) * 2
+
+
+def overhead() -> None:
+    import random
+
+    space = load_space("mobilenetv3_compact")
+    rng = random.Random(0)
+    specs = [space.largest(), space.smallest(), space.reference_member(), *(space.sample(rng) for _ in range(9))]
+    layers = list(dict.fromkeys(layer for spec in specs for layer in layers_of(spec)))
+    with torch.inference_mode():
+        outs = [tuple(layer.module(space.batch_norm).eval()(torch.zeros(1, layer.in_channels, layer.size,
+                                                                        layer.size)).shape) for layer in layers]
+    ins = [(1, layer.in_channels, layer.size, layer.size) for layer in layers]
+    in_shapes, pairs = sorted(set(ins)), sorted(set(zip(ins, outs, strict=True)))
+    rows = []
+    for runtime in ("onnxruntime", "executorch"):
+        calls = [Compiled(layer.module(space.batch_norm), torch.randn(shape), runtime)
+                 for layer, shape in zip(layers, ins, strict=True)]
+        calls += [Compiled(Empty(), torch.zeros(shape), runtime) for shape in in_shapes]
+        calls += [Compiled(_Output(out), torch.zeros(shape), runtime) for shape, out in pairs]
+        with torch.inference_mode():
+            times = time_interleaved(len(calls), lambda i, c=calls: c[i].runner(), torch.device("cpu"), rounds=3,
+                                     warmup=2, repeats=7)
+            nets = time_networks(specs, rounds=3, warmup=2, repeats=7, runtime=runtime)
+        ms = [median_of_rounds(t) for t in times]
+        n = len(layers)
+        empty = dict(zip(in_shapes, ms[n:n + len(in_shapes)], strict=True))
+        output = dict(zip(pairs, ms[n + len(in_shapes):], strict=True))
+        measured = np.array([median_of_rounds(t) for t in nets])
+        index = {layer: i for i, layer in enumerate(layers)}
+        entries = {"raw": ms[:n],
+                   "minus empty graph of its input (tables)": [max(ms[i] - empty[ins[i]], 0.1 * ms[i])
+                                                               for i in range(n)],
+                   "minus an output-writing graph": [max(ms[i] - output[(ins[i], outs[i])], 0.1 * ms[i])
+                                                     for i in range(n)]}
+        for name, entry in entries.items():
+            sums = np.array([sum(entry[index[layer]] for layer in layers_of(spec)) for spec in specs])
+            w = 1 / measured
+            a = np.stack([sums, np.ones(len(sums))], 1) * w[:, None]
+            scale, offset = np.linalg.lstsq(a, measured * w, rcond=None)[0]
+            err = (scale * sums + offset) / measured - 1
+            rows.append(f"| {runtime} | {name} | {scale:.3f} | {offset:+.4f} | {offset / measured.min():+.0%} | "
+                        f"{np.mean(abs(err) <= 0.1):.0%} | {np.median(abs(err)):.1%} |")
+            print(rows[-1], flush=True)
+    write_section("deploy-overhead", "Deploy: the per-call cost a layer table takes off, outside torch",
+                  "`python tests/benchmarks/bench_deploy.py overhead`: 12 networks of mobilenetv3_compact (largest, "
+                  f"smallest, reference, 9 random; {len(layers)} distinct layers) timed whole and layer by layer, 3 "
+                  "interleaved rounds of 7 runs, batch 1, 2 threads; the fit is a table's (least squares on "
+                  "relative error) over these 12 networks, in sample. A table refuses an offset over 50% of the "
+                  "fastest network.\n\n| runtime | each layer's entry | scale | offset ms | offset / fastest "
+                  "network | within +-10% (in sample) | median abs error |\n|---|---|---|---|---|---|---|\n"
+                  + "\n".join(rows))
+
+
 def _predictors(spaces: tuple[str, ...], runtimes: tuple[str, ...]) -> tuple[list[str], list[str]]:
     """Build each space's table in each runtime, calibrate its drift, validate it on 100 random networks: table rows,
     and the refusals met on the way."""
@@ -240,8 +312,8 @@ def executorch_predictor() -> None:
 
 
 def main() -> None:
-    parts = sys.argv[1:] or ["export", "runtimes", "isolation", "predictor", "executorch-predictor"]
-    unknown = set(parts) - {"export", "runtimes", "isolation", "predictor", "executorch-predictor"}
+    parts = sys.argv[1:] or ["export", "runtimes", "isolation", "overhead", "predictor", "executorch-predictor"]
+    unknown = set(parts) - {"export", "runtimes", "isolation", "overhead", "predictor", "executorch-predictor"}
     if unknown:
         sys.exit(f"unknown part(s): {', '.join(sorted(unknown))}")
     if "export" in parts or "runtimes" in parts:
@@ -252,6 +324,8 @@ def main() -> None:
             runtimes(nets)
     if "isolation" in parts:
         isolation()
+    if "overhead" in parts:
+        overhead()
     if "predictor" in parts:
         predictor()
     if "executorch-predictor" in parts:
