@@ -187,6 +187,14 @@ def median_of_rounds(rounds: list[list[float]]) -> float:
     return statistics.median(t for r in rounds for t in r)
 
 
+def compile_network(spec: NetworkSpec, device: torch.device, batch_size: int, runtime: str, threads: int | None
+                    ) -> Compiled:
+    """``nas.build_model(spec)`` prepared for ``runtime`` on a random input of the spec's shape."""
+    r = spec.input.resolution
+    x = torch.randn(batch_size, spec.input.channels, r, r, device=device)
+    return Compiled(build_model(spec).to(device), x, runtime, threads)
+
+
 def time_networks(specs: list[NetworkSpec], *, device: str = "cpu", threads: int | None = None, batch_size: int = 1,
                   rounds: int, warmup: int, repeats: int, seed: int = 0, progress: tqdm | None = None,
                   runtime: str = "torch", prepared: dict[NetworkSpec, Compiled] | None = None
@@ -201,9 +209,7 @@ def time_networks(specs: list[NetworkSpec], *, device: str = "cpu", threads: int
         key = specs[i].without_metadata()
         if key in prepared:
             return prepared[key]
-        r = specs[i].input.resolution
-        x = torch.randn(batch_size, specs[i].input.channels, r, r, device=dev)
-        c = Compiled(build_model(specs[i]).to(dev), x, runtime, threads)
+        c = compile_network(specs[i], dev, batch_size, runtime, threads)
         if runtime != "torch":
             prepared[key] = c
         return c

@@ -52,7 +52,6 @@ from nas.latency import (
     median_of_rounds,
     num_threads,
     time_interleaved,
-    time_networks,
     validate,
 )
 from nas.runtime import Compiled, Empty
@@ -217,15 +216,18 @@ def overhead() -> None:
                  for layer, shape in zip(layers, ins, strict=True)]
         calls += [Compiled(Empty(), torch.zeros(shape), runtime) for shape in in_shapes]
         calls += [Compiled(_Output(out), torch.zeros(shape), runtime) for shape, out in pairs]
+        # The networks in the same rounds as their layers, so the machine's drift cannot come between them
+        r = space.input.resolution
+        calls += [Compiled(nas.build_model(spec), torch.randn(1, space.input.channels, r, r), runtime)
+                  for spec in specs]
         with torch.inference_mode():
             times = time_interleaved(len(calls), lambda i, c=calls: c[i].runner(), torch.device("cpu"), rounds=3,
                                      warmup=2, repeats=7)
-            nets = time_networks(specs, rounds=3, warmup=2, repeats=7, runtime=runtime)
         ms = [median_of_rounds(t) for t in times]
-        n = len(layers)
-        empty = dict(zip(in_shapes, ms[n:n + len(in_shapes)], strict=True))
-        output = dict(zip(pairs, ms[n + len(in_shapes):], strict=True))
-        measured = np.array([median_of_rounds(t) for t in nets])
+        n, m = len(layers), len(layers) + len(in_shapes)
+        empty = dict(zip(in_shapes, ms[n:m], strict=True))
+        output = dict(zip(pairs, ms[m:m + len(pairs)], strict=True))
+        measured = np.array(ms[m + len(pairs):])
         index = {layer: i for i, layer in enumerate(layers)}
         entries = {"raw": ms[:n],
                    "minus empty graph of its input (tables)": [max(ms[i] - empty[ins[i]], 0.1 * ms[i])
@@ -243,11 +245,11 @@ def overhead() -> None:
             print(rows[-1], flush=True)
     write_section("deploy-overhead", "Deploy: the per-call cost a layer table takes off, outside torch",
                   "`python tests/benchmarks/bench_deploy.py overhead`: 12 networks of mobilenetv3_compact (largest, "
-                  f"smallest, reference, 9 random; {len(layers)} distinct layers) timed whole and layer by layer, 3 "
-                  "interleaved rounds of 7 runs, batch 1, 2 threads; the fit is a table's (least squares on "
-                  "relative error) over these 12 networks, in sample. A table refuses an offset over 50% of the "
-                  "fastest network.\n\n| runtime | each layer's entry | scale | offset ms | offset / fastest "
-                  "network | within +-10% (in sample) | median abs error |\n|---|---|---|---|---|---|---|\n"
+                  f"smallest, reference, 9 random; {len(layers)} distinct layers) timed whole and layer by layer, all "
+                  "in the same 3 interleaved rounds of 7 runs, batch 1, 2 threads; the fit is a table's (least "
+                  "squares on relative error) over these 12 networks, in sample. A table refuses an offset over "
+                  "50% of the fastest network.\n\n| runtime | each layer's entry | scale | offset ms | offset / "
+                  "fastest network | within +-10% (in sample) | median abs error |\n|---|---|---|---|---|---|---|\n"
                   + "\n".join(rows))
 
 
