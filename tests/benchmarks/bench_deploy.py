@@ -21,7 +21,7 @@ overhead: outside torch, which per-call cost taken off each layer makes layer su
   networks of mobilenetv3_compact (its largest, smallest, reference and 9 random), their layers timed alone in
   onnxruntime and ExecuTorch, fitted raw, minus an empty graph of the layer's input (what tables do), and minus a
   graph that writes an output of the layer's output shape.
-executorch-predictor: the same for an ExecuTorch table of mobilenetv3_compact (about 25 minutes to build here, as
+executorch-predictor: the same for an ExecuTorch table of mobilenetv3_compact (about 30 minutes to build here, as
   ExecuTorch lowers each of its 880 layers in 1-2 s).
 """
 
