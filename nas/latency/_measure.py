@@ -187,12 +187,25 @@ def median_of_rounds(rounds: list[list[float]]) -> float:
     return statistics.median(t for r in rounds for t in r)
 
 
-def compile_network(spec: NetworkSpec, device: torch.device, batch_size: int, runtime: str, threads: int | None
-                    ) -> Compiled:
-    """``nas.build_model(spec)`` prepared for ``runtime`` on a random input of the spec's shape."""
-    r = spec.input.resolution
-    x = torch.randn(batch_size, spec.input.channels, r, r, device=device)
-    return Compiled(build_model(spec).to(device), x, runtime, threads)
+def network_compiler(specs: list[NetworkSpec], device: torch.device, batch_size: int, runtime: str,
+                     threads: int | None, prepared: dict[NetworkSpec, Compiled] | None = None
+                     ) -> Callable[[int], Compiled]:
+    """``visits``' ``compile`` over ``nas.build_model(specs[i])`` on a random input of the spec's shape. Outside
+    torch each distinct architecture is exported once, into ``prepared`` when given (so another call reuses it)."""
+    prepared = {} if prepared is None else prepared
+
+    def compiled(i: int) -> Compiled:
+        key = specs[i].without_metadata()
+        if key in prepared:
+            return prepared[key]
+        r = specs[i].input.resolution
+        x = torch.randn(batch_size, specs[i].input.channels, r, r, device=device)
+        c = Compiled(build_model(specs[i]).to(device), x, runtime, threads)
+        if runtime != "torch":
+            prepared[key] = c
+        return c
+
+    return compiled
 
 
 def time_networks(specs: list[NetworkSpec], *, device: str = "cpu", threads: int | None = None, batch_size: int = 1,
@@ -200,22 +213,11 @@ def time_networks(specs: list[NetworkSpec], *, device: str = "cpu", threads: int
                   runtime: str = "torch", prepared: dict[NetworkSpec, Compiled] | None = None
                   ) -> list[list[list[float]]]:
     """``time_interleaved`` over ``nas.build_model(spec)`` of each spec in ``runtime``: real networks, never a
-    supernet. Outside torch each distinct architecture is exported once, into ``prepared`` when given (so another
-    call reuses it)."""
+    supernet (exported through ``prepared``, see :func:`network_compiler`)."""
     dev = resolve_device(device)
-    prepared = {} if prepared is None else prepared
-
-    def compiled(i: int) -> Compiled:
-        key = specs[i].without_metadata()
-        if key in prepared:
-            return prepared[key]
-        c = compile_network(specs[i], dev, batch_size, runtime, threads)
-        if runtime != "torch":
-            prepared[key] = c
-        return c
-
     with num_threads(threads), torch.inference_mode():
-        call = visits(compiled, runtime, len(specs), progress)
+        call = visits(network_compiler(specs, dev, batch_size, runtime, threads, prepared), runtime, len(specs),
+                      progress)
         return time_interleaved(len(specs), call, dev, rounds=rounds, warmup=warmup, repeats=repeats, seed=seed,
                                 progress=progress)
 

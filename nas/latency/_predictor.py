@@ -29,8 +29,8 @@ from tqdm import tqdm
 from nas._schema import SpecError, digest, ensure_writable, results_root, to_data, write_json_atomic
 from nas.latency._measure import (
     busy_share,
-    compile_network,
     median_of_rounds,
+    network_compiler,
     num_threads,
     resolve_device,
     time_interleaved,
@@ -323,12 +323,7 @@ def profile(space: SearchSpace, *, device: str = "cpu", threads: int | None = No
         with num_threads(threads), torch.inference_mode():
             # Outside torch the fit's networks are exported now too, not between the layers' rounds and theirs:
             # ExecuTorch lowers 30 networks in about 5 minutes, long enough for this machine's speed to drift.
-            if runtime != "torch":
-                bar.total += len(specs)
-                for spec in specs:
-                    if spec.without_metadata() not in prepared:
-                        prepared[spec.without_metadata()] = compile_network(spec, dev, batch_size, runtime, threads)
-                    bar.update()
+            visits(network_compiler(specs, dev, batch_size, runtime, threads, prepared), runtime, len(specs), bar)
             layer_call = visits(compile_call, runtime, calls, bar)
             times = time_interleaved(calls, layer_call, dev, rounds=rounds, progress=bar, **kw)
             # Layers whose rounds disagree met a burst of noise: measure them again, then judge the middle rounds.

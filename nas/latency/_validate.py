@@ -99,11 +99,12 @@ def validate(predictor: Predictor, space: SearchSpace, *, n: int = 100, seed: in
     if copies:  # one call per network from here: the reference's copies pooled, round by round
         times = [[[t for copy in times[:copies] for t in copy[r]] for r in range(rounds)], *times[copies:]]
     k = 1 if copies else 0  # the reference comes first
+    networks = [reference, *specs] if copies else specs
     half = rounds // 2
     measured_all = [median_of_rounds(net) for net in times]
     first_all = [median_of_rounds(net[:half]) for net in times]
     second_all = [median_of_rounds(net[half:]) for net in times]
-    predicted_all = [predictor.predict(s) for s in timed[copies - k:]]
+    predicted_all = [predictor.predict(s) for s in networks]
     measured, first, second, predicted = (v[k:] for v in (measured_all, first_all, second_all, predicted_all))
     errors = [(p - m) / m for p, m in zip(predicted, measured, strict=True)]
     spread = [abs(a - b) / a for a, b in zip(first, second, strict=True)]

@@ -30,6 +30,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import random
 import sys
 import time
 from pathlib import Path
@@ -199,8 +200,6 @@ class _Output(nn.Module):
 
 
 def overhead() -> None:
-    import random
-
     space = load_space("mobilenetv3_compact")
     rng = random.Random(0)
     specs = [space.largest(), space.smallest(), space.reference_member(), *(space.sample(rng) for _ in range(9))]
@@ -283,39 +282,41 @@ def _predictors(spaces: tuple[str, ...], runtimes: tuple[str, ...]) -> tuple[lis
     return rows, refusals
 
 
-PREDICTOR_HEADER = ("\n\n| space | runtime | build | drift | within +-10% relative to reference | "
-                    "within +-10% absolute | Kendall tau | validation wall |\n|---|---|---|---|---|---|---|---|\n")
+def _predictor_section(key: str, title: str, text: str, spaces: tuple[str, ...], runtimes: tuple[str, ...]) -> None:
+    rows, refusals = _predictors(spaces, runtimes)
+    write_section(key, title, text + "\n\n| space | runtime | build | drift | within +-10% relative to reference | "
+                  "within +-10% absolute | Kendall tau | validation wall |\n|---|---|---|---|---|---|---|---|\n" +
+                  "\n".join(rows) + "".join(f"\n\nRefused and retried a minute later: {r}" for r in refusals))
 
 
 def predictor() -> None:
-    rows, refusals = _predictors(PREDICTOR_SPACES, ("onnxruntime", "torch"))
-    write_section("deploy-predictor", "Deploy: the onnxruntime latency predictor",
-                  "`python tests/benchmarks/bench_deploy.py predictor`: for each space, a table built in "
-                  "onnxruntime fp32 (every layer exported as its own graph; the empty graph's call cost taken off "
-                  "each entry), then, straight after, drift calibration and `latency validate` on 100 random "
-                  "networks (4 interleaved rounds beside the reference); the torch table built and validated the "
-                  "same way just after, side by side. In brackets: the measurement's own noise floor (its first two "
-                  "rounds against its last two). Goals: >= 95% within +-10% relative to the reference, tau >= 0.9."
-                  + PREDICTOR_HEADER + "\n".join(rows) +
-                  "".join(f"\n\nRefused and retried a minute later: {r}" for r in refusals))
+    _predictor_section(
+        "deploy-predictor", "Deploy: the onnxruntime latency predictor",
+        "`python tests/benchmarks/bench_deploy.py predictor`: for each space, a table built in onnxruntime fp32 (every "
+        "layer exported as its own graph; the empty graph's call cost taken off each entry), then, straight after, "
+        "drift calibration and `latency validate` on 100 random networks (4 interleaved rounds beside the "
+        "reference); the torch table built and validated the same way just after, side by side. In brackets: the "
+        "measurement's own noise floor (its first two rounds against its last two). Goals: >= 95% within +-10% "
+        "relative to the reference, tau >= 0.9.", PREDICTOR_SPACES, ("onnxruntime", "torch"))
 
 
 def executorch_predictor() -> None:
-    rows, refusals = _predictors(("mobilenetv3_compact",), ("executorch",))
-    write_section("deploy-predictor-executorch", "Deploy: the ExecuTorch (XNNPACK) latency predictor",
-                  "`python tests/benchmarks/bench_deploy.py executorch-predictor`: the mobilenetv3_compact table "
-                  "built in ExecuTorch (every layer lowered to XNNPACK as a program of its own, all before any "
-                  "timing; the empty graph's call cost taken off each entry), then, straight after, drift "
-                  "calibration and `latency validate` on 100 random networks, each lowered whole (4 interleaved "
-                  "rounds beside the reference). In brackets: the measurement's own noise floor. The torch and "
-                  "onnxruntime predictors' goals: >= 95% within +-10% relative to the reference, tau >= 0.9."
-                  + PREDICTOR_HEADER + "\n".join(rows) +
-                  "".join(f"\n\nRefused and retried a minute later: {r}" for r in refusals))
+    _predictor_section(
+        "deploy-predictor-executorch", "Deploy: the ExecuTorch (XNNPACK) latency predictor",
+        "`python tests/benchmarks/bench_deploy.py executorch-predictor`: the mobilenetv3_compact table built in "
+        "ExecuTorch (every layer lowered to XNNPACK as a program of its own, all before any timing; the empty "
+        "graph's call cost taken off each entry), then, straight after, drift calibration and `latency validate` on "
+        "100 random networks, each lowered whole (4 interleaved rounds beside the reference). In brackets: the "
+        "measurement's own noise floor. The torch and onnxruntime predictors' goals: >= 95% within +-10% relative "
+        "to the reference, tau >= 0.9.", ("mobilenetv3_compact",), ("executorch",))
+
+
+PARTS = ("export", "runtimes", "isolation", "overhead", "predictor", "executorch-predictor")
 
 
 def main() -> None:
-    parts = sys.argv[1:] or ["export", "runtimes", "isolation", "overhead", "predictor", "executorch-predictor"]
-    unknown = set(parts) - {"export", "runtimes", "isolation", "overhead", "predictor", "executorch-predictor"}
+    parts = sys.argv[1:] or list(PARTS)
+    unknown = set(parts) - set(PARTS)
     if unknown:
         sys.exit(f"unknown part(s): {', '.join(sorted(unknown))}")
     if "export" in parts or "runtimes" in parts:
