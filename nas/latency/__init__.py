@@ -8,7 +8,9 @@ the two on random architectures.
 from nas.latency._calibrate import DRIFT_BAND, Drift, calibrate
 from nas.latency._measure import (
     Measurement,
+    Sweeps,
     check_device,
+    common_mode,
     measure,
     measure_module,
     median_of_rounds,
@@ -37,9 +39,11 @@ __all__ = [
     "Layer",
     "Measurement",
     "Predictor",
+    "Sweeps",
     "Validation",
     "calibrate",
     "check_device",
+    "common_mode",
     "layers_of",
     "load_predictor",
     "load_table",

@@ -28,12 +28,12 @@ from tqdm import tqdm
 
 from nas._schema import SpecError, digest, ensure_writable, results_root, to_data, write_json_atomic
 from nas.latency._measure import (
+    Sweeps,
     busy_share,
     median_of_rounds,
     network_compiler,
     num_threads,
     resolve_device,
-    time_interleaved,
     time_networks,
     visits,
 )
@@ -279,10 +279,11 @@ def profile(space: SearchSpace, *, device: str = "cpu", threads: int | None = No
             progress: bool = True, runtime: str = "torch") -> Predictor:
     """Measure every layer of ``space`` on this device in ``runtime``, then fit the correction on whole networks.
 
-    Layers and networks are timed in ``rounds`` interleaved sweeps (``time_interleaved``), so no median rests
-    on one stretch of a noisy machine. The build checks its own noise and refuses (a SpecError naming the cause)
-    rather than write an untrustworthy table: a probe of two networks first (a second or two), layers whose rounds
-    disagree are measured again, and the fit must be plausible (see the bands above)."""
+    Layers and networks are timed together in ``rounds`` interleaved sweeps (:class:`Sweeps`), with the machine's
+    speed divided out, so no median rests on one stretch of a noisy machine. The build checks its own noise and
+    refuses (a SpecError naming the cause) rather than write an untrustworthy table: a probe of two networks first
+    (a second or two), layers whose rounds disagree are measured again, and the fit must be plausible (see the
+    bands above)."""
     fp = Fingerprint.current(device, threads, batch_size, runtime)
     dev = resolve_device(device)
     layers = space_layers(space)
@@ -302,18 +303,23 @@ def profile(space: SearchSpace, *, device: str = "cpu", threads: int | None = No
     # input shape (nas.runtime.Empty), timed in the same rounds as the layers (the last calls), measures that cost,
     # and it is taken off every entry of that shape (the fit's offset pays the network's own once).
     shapes = sorted({(layer.in_channels, layer.size) for layer in layers}) if runtime != "torch" else []
-    calls = len(layers) + len(shapes)
+    # The fit's networks are timed in the same rounds as the layers, so the machine's speed, which changes within
+    # seconds here, is divided out of both alike (nas.latency.common_mode) rather than put between them.
+    first_net = len(layers) + len(shapes)
+    calls = first_net + len(specs)
+    prepared: dict[NetworkSpec, Compiled] = {}  # outside torch: each network exported once, for the probe and the fit
+    network = network_compiler(specs, dev, batch_size, runtime, threads, prepared)
 
     def compile_call(i: int) -> Compiled:
+        if i >= first_net:
+            return network(i - first_net)
         if i >= len(layers):
             channels, size = shapes[i - len(layers)]
             return Compiled(Empty(), torch.zeros(batch_size, channels, size, size), runtime, threads)
         module = layers[i].module(space.batch_norm).to(dev)
         return Compiled(module, _layer_input(layers[i], batch_size, dev), runtime, threads)
 
-    kw = {"warmup": warmup, "repeats": repeats, "seed": seed}
-    prepared: dict[NetworkSpec, Compiled] = {}  # outside torch: each network exported once, for the probe and the fit
-    with tqdm(total=(rounds * (calls + len(specs)) + PROBE_ROUNDS * len(anchors)), unit="call",
+    with tqdm(total=rounds * calls + PROBE_ROUNDS * len(anchors), unit="call",
               desc=f"latency table {space.name} ({runtime})", disable=not progress, dynamic_ncols=True) as bar:
         probe = time_networks(anchors, rounds=PROBE_ROUNDS, repeats=5, progress=bar, prepared=prepared, **net_kw)
         worst = max(_disagreement(_middle(t), floor_ms=0.1) for t in probe)
@@ -321,29 +327,26 @@ def profile(space: SearchSpace, *, device: str = "cpu", threads: int | None = No
             enforce(_refuse(space, f"the same network's timings varied by {worst:.0%} across {PROBE_ROUNDS} rounds "
                                  f"(limit {PROBE_SPREAD:.0%}), so the machine is too busy for a trustworthy table"))
         with num_threads(threads), torch.inference_mode():
-            # Outside torch the fit's networks are exported now too, not between the layers' rounds and theirs:
-            # ExecuTorch lowers 30 networks in about 5 minutes, long enough for this machine's speed to drift.
-            visits(network_compiler(specs, dev, batch_size, runtime, threads, prepared), runtime, len(specs), bar)
-            layer_call = visits(compile_call, runtime, calls, bar)
-            times = time_interleaved(calls, layer_call, dev, rounds=rounds, progress=bar, **kw)
+            # Outside torch every call is exported before any is timed (visits): ExecuTorch lowers a layer in 1-2 s.
+            sweeps = Sweeps(calls, visits(compile_call, runtime, calls, bar), dev, warmup=warmup, repeats=repeats,
+                            seed=seed, progress=bar)
+            sweeps.run(rounds)
+            times = sweeps.corrected()
             # Layers whose rounds disagree met a burst of noise: measure them again, then judge the middle rounds.
-            again = [i for i, t in enumerate(times) if _disagreement(t, LAYER_FLOOR_MS) > LAYER_SPREAD]
+            again = [i for i, t in enumerate(times[:len(layers)]) if _disagreement(t, LAYER_FLOOR_MS) > LAYER_SPREAD]
             if again:
                 bar.total += EXTRA_ROUNDS * len(again)
-                extra = time_interleaved(len(again), lambda j: layer_call(again[j]), dev, rounds=EXTRA_ROUNDS,
-                                         progress=bar, **kw)
-                for i, t in zip(again, extra, strict=True):
-                    times[i] = times[i] + t
-        unsettled = sum(_disagreement(_middle(t), LAYER_FLOOR_MS) > LAYER_SPREAD for t in times)
+                sweeps.run(EXTRA_ROUNDS, again)
+                times = sweeps.corrected()
+        unsettled = sum(_disagreement(_middle(t), LAYER_FLOOR_MS) > LAYER_SPREAD for t in times[:len(layers)])
         if unsettled > MAX_UNSETTLED * len(layers):
             enforce(_refuse(space, f"{unsettled} of {len(layers)} layers' timings still disagreed by more than "
                                  f"{LAYER_SPREAD:.0%} across rounds after measuring them again"))
-        overhead = {shape: median_of_rounds(t) for shape, t in zip(shapes, times[len(layers):], strict=True)}
+        overhead = {shape: median_of_rounds(t) for shape, t in zip(shapes, times[len(layers):first_net], strict=True)}
         # A layer within the overhead's noise keeps a tenth of its time: positive, and negligible in any sum.
         table = {layer: max(median_of_rounds(t) - overhead.get((layer.in_channels, layer.size), 0.0),
                             0.1 * median_of_rounds(t)) for layer, t in zip(layers, times[:len(layers)], strict=True)}
-        measured = np.array([median_of_rounds(t) for t in time_networks(specs, rounds=rounds, repeats=repeats,
-                                                                         progress=bar, prepared=prepared, **net_kw)])
+        measured = np.array([median_of_rounds(t) for t in times[first_net:]])
     sums = np.array([Predictor(space, fp, table, 1.0, 0.0).layer_sum(spec) for spec in specs])
     # Least squares on relative error (weights 1/measured), since the goal is a percentage error. One scale per
     # feature-map size was tried too: within noise of this on both built-in spaces, with more to overfit.
