@@ -11,6 +11,9 @@ Parts:
   loaded   build the mobilenetv3_compact table while two other processes keep both cores busy: it must refuse
            within a few minutes, or write a table ordered smallest < reference < largest whose largest/smallest
            ratio is within 25% of the quiet table's (never a broken table with exit 0)
+  sustained  one network (mobilenetv3_small's reference, torch, 2 threads) timed without pause for 2 minutes after
+           30 s of rest, then for 20 s after another 30 s of rest: does this machine's speed depend on how long
+           it has been busy? (what a short drift calibration and a long measurement each see)
 Figures go to results/BENCHMARKS.md and results/benchmarks/latency-*.json.
 """
 
@@ -159,6 +162,39 @@ def loaded() -> None:
         f"Outcome: {verdict}.")
 
 
+def sustained() -> None:
+    import torch
+
+    from nas.latency import steady_allocator, time_call
+    from nas.model import build_model
+    steady_allocator()
+    torch.set_num_threads(2)
+    model = build_model(load_space("mobilenetv3_small").reference_member()).eval()
+    x = torch.randn(1, 3, 224, 224)
+    rows = []
+    for phase, seconds in (("after 30 s rest", 120), ("after another 30 s rest", 20)):
+        time.sleep(30)
+        blocks: list[tuple[float, float]] = []  # (seconds since the phase began, median ms of 20 runs)
+        start = time.perf_counter()
+        with torch.inference_mode():
+            while time.perf_counter() - start < seconds:
+                times = time_call(lambda: model(x), torch.device("cpu"), warmup=0, repeats=20)
+                blocks.append((time.perf_counter() - start, statistics.median(times)))
+        for lo in range(0, seconds, 10):
+            window = [ms for t, ms in blocks if lo <= t < lo + 10]
+            rows.append(f"| {phase} | {lo}-{lo + 10} s | {statistics.median(window):.2f} | {min(window):.2f} | "
+                        f"{max(window):.2f} |")
+            print(rows[-1], flush=True)
+    write_section(
+        "latency-sustained", "Does this machine's speed depend on how long it has been busy?",
+        "`python tests/benchmarks/bench_latency.py sustained`: mobilenetv3_small's reference member in torch, 2 "
+        "threads, batch 1, timed without pause in blocks of 20 runs; per 10-second window, the median, fastest and "
+        "slowest block median (ms). Load average at the end "
+        f"{os.getloadavg()[0]:.2f}.\n\n| phase | window | median ms | fastest block | slowest block |\n"
+        "|---|---|---|---|---|\n" + "\n".join(rows))
+
+
 if __name__ == "__main__":
     part, *names = sys.argv[1:] or ["build"]
-    {"build": lambda: build(names or SPACES), "later": lambda: later(names or SPACES), "loaded": loaded}[part]()
+    {"build": lambda: build(names or SPACES), "later": lambda: later(names or SPACES), "loaded": loaded,
+     "sustained": sustained}[part]()
