@@ -278,8 +278,13 @@ def _search(config: SearchConfig, progress: bool, prepared: Prepared | None, sto
             if ran % 10 == 0:  # a killed worker's trial frees its budget slot within a few trials
                 optuna.storages.fail_stale_trials(study)
             with budget_lock(storage, config.storage_url, config.name):
-                complete = _count(study, (optuna.trial.TrialState.COMPLETE,))
-                in_flight = _count(study, (optuna.trial.TrialState.RUNNING, optuna.trial.TrialState.WAITING))
+                # One read for both counts: another worker's trial finishing between two reads would be counted
+                # in neither, and its slot given out twice (CI once ended a 20-trial budget with 21).
+                counted = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,
+                                                                   optuna.trial.TrialState.RUNNING,
+                                                                   optuna.trial.TrialState.WAITING))
+                complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in counted)
+                in_flight = len(counted) - complete
                 trial = None if complete + in_flight >= config.budget else study.ask()
                 if trial is not None:  # a heartbeat at once, in the lock: a worker killed from here on is failed
                     trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
