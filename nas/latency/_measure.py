@@ -199,7 +199,8 @@ def common_mode(samples: list[list[list[float]]], chronology: list[int], window:
     visit's neighbours ran (shuffled, so unrelated to it) slowed with it. Dividing that common mode out is what made
     its measurements agree with themselves: 40 mobilenetv3_small networks timed in 8 rounds while another process ran
     on one core in random 0.5-4 s bursts agreed within +-10% relative to the reference, first 4 rounds against last
-    4, for 7% of the networks raw and 100% so corrected (Kendall tau 0.29 and 0.87; 0.91 on the quiet machine)."""
+    4, for 12% of the networks raw and 98% so corrected, from the same visits (Kendall tau 0.29 and 0.83;
+    tests/benchmarks/bench_latency.py bursts)."""
     visit = [0] * len(samples)
     order = []  # (call, its visit index) of each visit, in chronological order
     for i in chronology:

@@ -11,6 +11,9 @@ Parts:
   loaded   build the mobilenetv3_compact table while two other processes keep both cores busy: it must refuse
            within a few minutes, or write a table ordered smallest < reference < largest whose largest/smallest
            ratio is within 25% of the quiet table's (never a broken table with exit 0)
+  bursts   40 random mobilenetv3_small networks and the reference timed in 8 rounds while another process runs
+           on one core in random 0.5-4 s bursts: how far the first 4 rounds agree with the last 4, relative to the
+           reference, from the same visits raw and with the machine's speed divided out (nas.latency.common_mode)
   sustained  one network (mobilenetv3_small's reference, torch, 2 threads) timed without pause for 2 minutes after
            30 s of rest, then for 20 s after another 30 s of rest: does this machine's speed depend on how long
            it has been busy? (what a short drift calibration and a long measurement each see)
@@ -162,6 +165,57 @@ def loaded() -> None:
         f"Outcome: {verdict}.")
 
 
+def _bursts() -> None:  # one core busy for 0.5-4 s, then idle for 0.5-4 s, at random, until killed
+    rng = random.Random(1)
+    while True:
+        end = time.time() + rng.uniform(0.5, 4)
+        if rng.random() < 0.5:
+            while time.time() < end:
+                pass
+        else:
+            time.sleep(max(0.0, end - time.time()))
+
+
+def bursts() -> None:
+    import torch
+    from scipy.stats import kendalltau
+
+    from nas.latency import Sweeps, median_of_rounds, num_threads
+    from nas.latency._measure import network_compiler, visits
+    space = load_space("mobilenetv3_small")
+    rng = random.Random(5)
+    copies = 4
+    specs = [space.reference_member()] * copies + [space.sample(rng) for _ in range(40)]
+    hog = multiprocessing.get_context("spawn").Process(target=_bursts, daemon=True)
+    hog.start()
+    try:
+        with num_threads(2), torch.inference_mode():
+            cpu = torch.device("cpu")
+            sweeps = Sweeps(len(specs), visits(network_compiler(specs, cpu, 1, "torch", 2), "torch", len(specs)), cpu,
+                            warmup=3, repeats=10, seed=3)
+            sweeps.run(8)
+    finally:
+        hog.kill()
+    rows = []
+    for label, times in (("raw", sweeps.corrected(window=0)), ("machine's speed divided out", sweeps.corrected())):
+        halves = []
+        for part in (slice(0, 4), slice(4, 8)):
+            ref = median_of_rounds([t for c in times[:copies] for t in c[part]])
+            halves.append([median_of_rounds(c[part]) / ref for c in times[copies:]])
+        error = [abs(a / b - 1) for a, b in zip(*halves, strict=True)]
+        rows.append(f"| {label} | {sum(e <= 0.10 for e in error) / len(error):.0%} | {statistics.median(error):.1%} | "
+                    f"{kendalltau(*halves).statistic:.3f} |")
+        print(rows[-1], flush=True)
+    write_section(
+        "latency-bursts", "Timing through bursts of load: the machine's speed divided out",
+        "`python tests/benchmarks/bench_latency.py bursts`: 40 random mobilenetv3_small networks and the reference "
+        "(4 copies), torch, 2 threads, 8 interleaved rounds of 10 runs, while another process keeps one core busy "
+        "in random 0.5-4 s bursts. The same visits raw and corrected (`nas.latency.common_mode`, 3 visits either "
+        "side); each network's latency relative to the reference in the first 4 rounds against the last 4.\n\n"
+        "| timings | networks agreeing within +-10% | median disagreement | Kendall tau |\n|---|---|---|---|\n"
+        + "\n".join(rows))
+
+
 def sustained() -> None:
     import torch
 
@@ -197,4 +251,4 @@ def sustained() -> None:
 if __name__ == "__main__":
     part, *names = sys.argv[1:] or ["build"]
     {"build": lambda: build(names or SPACES), "later": lambda: later(names or SPACES), "loaded": loaded,
-     "sustained": sustained}[part]()
+     "bursts": bursts, "sustained": sustained}[part]()
