@@ -284,8 +284,7 @@ def _search(config: SearchConfig, progress: bool, prepared: Prepared | None, sto
                                                                    optuna.trial.TrialState.RUNNING,
                                                                    optuna.trial.TrialState.WAITING))
                 complete = sum(t.state == optuna.trial.TrialState.COMPLETE for t in counted)
-                in_flight = len(counted) - complete
-                trial = None if complete + in_flight >= config.budget else study.ask()
+                trial = None if len(counted) >= config.budget else study.ask()  # complete + in flight
                 if trial is not None:  # a heartbeat at once, in the lock: a worker killed from here on is failed
                     trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, trial.number)
                     storage.record_heartbeat(trial_id)
