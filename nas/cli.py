@@ -230,7 +230,7 @@ def _run_latency(args: argparse.Namespace) -> int:
     if args.latency_command == "build":
         print(f"latency table: {predictor.path} ({len(predictor.table)} layers, {fp.describe()}; "
               f"{time.perf_counter() - start:.0f} s)")
-        print(f"correction: predicted = {predictor.scale:.3f} x sum of layers + {predictor.offset:.3f} ms")
+        print(f"correction: {predictor.formula()}")
         ref = space.reference_member()
         if ref is not None:
             print(f"reference {space.reference}: {predictor.predict(ref):.3f} ms predicted")

@@ -51,6 +51,9 @@ def test_prediction_is_the_corrected_sum_over_layers(tiny_predictor: Predictor) 
     spec = space.sample(random.Random(3))
     total = sum(tiny_predictor.table[layer] for layer in layers_of(spec))
     assert tiny_predictor.predict(spec) == pytest.approx(tiny_predictor.scale * total + tiny_predictor.offset)
+    assert tiny_predictor.per_layer == 0.0  # torch fits no per-layer term
+    per_layer = dataclasses.replace(tiny_predictor, per_layer=0.004)
+    assert per_layer.predict(spec) == pytest.approx(tiny_predictor.predict(spec) + 0.004 * len(layers_of(spec)))
     assert tiny_predictor.predict(space.largest()) > tiny_predictor.predict(space.smallest()) > 0
     assert (tiny_predictor.device, tiny_predictor.threads, tiny_predictor.batch_size) == (
         "cpu", Fingerprint.current().threads, 1)
@@ -87,6 +90,18 @@ def test_a_foreign_table_is_refused_unless_forced(tiny_predictor: Predictor, tmp
     foreign.write_text("{ not json")
     with pytest.raises(nas.SpecError, match="not a readable latency table"):
         load_predictor(space, table=foreign)
+    del data["per_layer"]  # a table of the version before the per-layer term
+    data["version"] = 2
+    foreign.write_text(json.dumps(data))
+    with pytest.raises(nas.SpecError, match=r"foreign\.json: latency table version 2, this nas reads 3$"):
+        load_predictor(space, table=foreign, force=True)
+
+
+def test_the_per_layer_term_is_stored_with_the_table(tiny_predictor: Predictor, tmp_path: Path) -> None:
+    saved = dataclasses.replace(tiny_predictor, per_layer=-0.0123).save(tmp_path / "t.json")
+    again = load_table(saved.path, tiny_predictor.space, tiny_predictor.fingerprint)
+    assert again.per_layer == -0.0123 and again.formula() == saved.formula()
+    assert "-12.3 us x layers" in again.formula()
 
 
 def test_predicting_a_non_member_names_the_missing_layer(tiny_predictor: Predictor) -> None:
@@ -206,30 +221,37 @@ def test_tables_with_non_positive_or_nan_entries_are_refused_on_load(value: floa
         Predictor(tiny_predictor.space, tiny_predictor.fingerprint, tiny_predictor.table, float("nan"), 0.0)
 
 
-@pytest.mark.parametrize(("scale", "offset", "sums", "expected"), [
-    (0.009, 14.5, [30.0, 3.0, 10.0], "a scale outside"),  # what a busy machine once fitted
-    (-0.009, 13.1, [30.0, 3.0, 10.0], "a scale outside"),
-    (1.0, 2.0, [30.0, 3.0, 10.0], "the offset is over 50%"),
-    (1.0, 0.0, [3.0, 3.5, 10.0], "predicts the largest member .* no slower than the smallest"),
-    (1.0, 0.0, [30.0, 3.0, 13.0], r"predicts the reference 13.000 ms, \+30% off its direct measurement"),
+@pytest.mark.parametrize(("scale", "offset", "per_layer", "sums", "expected"), [
+    (0.009, 14.5, 0.0, [30.0, 3.0, 10.0], "a scale outside"),  # what a busy machine once fitted
+    (-0.009, 13.1, 0.0, [30.0, 3.0, 10.0], "a scale outside"),
+    (1.0, 2.0, 0.0, [30.0, 3.0, 10.0], "the offset is over 50%"),
+    (1.0, 0.0, -0.4, [30.0, 3.0, 10.0], r"-400.0 us x layers \+0.000 ms: the per-layer term is over 50%"),
+    (1.0, 0.0, 0.0, [3.0, 3.5, 10.0], "predicts the largest member .* no slower than the smallest"),
+    (1.0, 0.0, 0.0, [30.0, 3.0, 13.0], r"predicts the reference 13.000 ms, \+30% off its direct measurement"),
 ])
-def test_implausible_fits_are_refused_with_their_cause(scale: float, offset: float, sums: list[float],
-                                                       expected: str, monkeypatch: pytest.MonkeyPatch,
+def test_implausible_fits_are_refused_with_their_cause(scale: float, offset: float, per_layer: float,
+                                                       sums: list[float], expected: str,
+                                                       monkeypatch: pytest.MonkeyPatch,
                                                        capsys: pytest.CaptureFixture[str]) -> None:
     import numpy as np
     monkeypatch.setenv("NAS_LATENCY_CHECKS", "refuse")
     from nas.latency._predictor import check_fit
     measured = np.array([30.0, 3.0, 10.0])  # largest, smallest, reference
+    counts = np.array([12.0, 6.0, 9.0])  # their numbers of layers
     with pytest.raises(nas.SpecError, match=rf"^latency table of tiny: refused: .*{expected}") as info:
-        check_fit(load_space(TINY), scale, offset, np.array(sums), measured, reference_index=2)
+        check_fit(load_space(TINY), scale, offset, np.array(sums), measured, reference_index=2, per_layer=per_layer,
+                  counts=counts)
     assert "rerun when the machine is quieter" in str(info.value) and "\n" not in str(info.value)
-    check_fit(load_space(TINY), 1.02, -0.05, measured, measured, reference_index=2)  # a plausible fit passes
+    check_fit(load_space(TINY), 1.02, -0.05, measured, measured, reference_index=2)  # plausible fits pass
+    check_fit(load_space(TINY), 1.02, -0.05, measured, measured, reference_index=2, per_layer=-0.02, counts=counts)
     monkeypatch.setenv("NAS_LATENCY_CHECKS", "warn")  # the switch the test suite runs under: a warning, not an error
-    check_fit(load_space(TINY), scale, offset, np.array(sums), measured, reference_index=2)
+    check_fit(load_space(TINY), scale, offset, np.array(sums), measured, reference_index=2, per_layer=per_layer,
+              counts=counts)
     assert capsys.readouterr().err.startswith("warning (NAS_LATENCY_CHECKS=warn): latency table of tiny: refused")
     monkeypatch.setenv("NAS_LATENCY_CHECKS", "ignore")
     with pytest.raises(nas.SpecError, match=r"^NAS_LATENCY_CHECKS: 'ignore' is not one of 'refuse', 'warn'$"):
-        check_fit(load_space(TINY), scale, offset, np.array(sums), measured, reference_index=2)
+        check_fit(load_space(TINY), scale, offset, np.array(sums), measured, reference_index=2, per_layer=per_layer,
+                  counts=counts)
 
 
 def test_a_busy_machine_is_refused_within_seconds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """A latency predictor built on the user's own device: a table of every layer a space can hold.
 
-Predicted latency of a network = a * (sum of its layers' measured latencies) + b, where a and b are fitted
-on a sample of whole networks measured for real (the sum misses per-network overhead and cache effects).
+Predicted latency of a network = a * (sum of its layers' measured latencies) + c * (its number of layers) + b, where
+a, b (and c outside torch) are fitted on a sample of whole networks measured for real (the sum misses per-network
+overhead and cache effects; c, what a layer pays as a graph of its own and not inside a network).
 The predictor is a function of the network description only: its table keys are hashable dataclasses.
 """
 
@@ -52,7 +53,7 @@ from nas.spec import (
     network_parts,
 )
 
-TABLE_VERSION = 2  # 2: interleaved rounds and a fixed malloc (tables of 1 are rebuilt, not read)
+TABLE_VERSION = 3  # 2: interleaved rounds and a fixed malloc; 3: the per-layer term (older tables are rebuilt)
 
 # What a trustworthy table is. A build that cannot meet these refuses, naming the cause, rather than writing a table
 # that ranks networks wrongly (two builds on a busy machine fitted 0.009 x sum + 14.5 ms and -0.009 x sum + 13.1 ms).
@@ -65,6 +66,7 @@ EXTRA_ROUNDS = 2  # ... in this many more interleaved rounds
 MAX_UNSETTLED = 0.10  # refuse when a larger share of layers still disagrees after that
 SCALE_BAND = (0.5, 2.0)  # whole network / sum of its layers: about 1.1 on a quiet 2-core machine
 MAX_OFFSET_SHARE = 0.5  # |offset| at most this share of the smallest network's measured latency
+MAX_PER_LAYER_SHARE = 0.5  # |per-layer term x layers| at most this share of scale x sum, in every fit network
 MAX_REFERENCE_ERROR = 0.15  # the reference's prediction against its own direct measurement in the fit
 _OPS: dict[str, type[Any]] = {t.__name__: t for t in (StemSpec, BlockSpec, LastConvSpec, ClassifierSpec)}
 
@@ -196,10 +198,11 @@ class Predictor:
     scale: float
     offset: float
     path: Path | None = None
+    per_layer: float = 0.0  # ms per layer (fitted outside torch; see profile)
     drift: float = 1.0  # this machine's speed now against the table's (nas.latency.calibrate); not stored
 
     def __post_init__(self) -> None:
-        for name in ("scale", "offset", "drift"):
+        for name in ("scale", "offset", "drift", "per_layer"):
             if not math.isfinite(getattr(self, name)):
                 raise SpecError(name, f"{getattr(self, name)} is not a finite number")
         for layer, ms in self.table.items():
@@ -212,18 +215,27 @@ class Predictor:
     batch_size = property(lambda self: self.fingerprint.batch_size)
 
     def layer_sum(self, spec: NetworkSpec) -> float:
+        return self._sum_and_count(spec)[0]
+
+    def _sum_and_count(self, spec: NetworkSpec) -> tuple[float, int]:
+        """The table's entries for ``spec``'s layers, summed, and how many layers that is."""
+        layers = layers_of(spec)
         total = 0.0
-        for layer in layers_of(spec):
+        for layer in layers:
             ms = self.table.get(layer)
             if ms is None:
                 raise SpecError("", f"layer {layer.op} at {layer.size}x{layer.size} is not in the latency table "
                                     f"of space {self.space.name!r}; is the spec a member?")
             total += ms
-        return total
+        return total, len(layers)
 
     def predict(self, spec: NetworkSpec) -> float:
         """Predicted latency of ``nas.build_model(spec)`` in milliseconds (rescaled by ``drift``)."""
-        return self.drift * (self.scale * self.layer_sum(spec) + self.offset)
+        total, count = self._sum_and_count(spec)
+        return self.drift * (self.scale * total + self.per_layer * count + self.offset)
+
+    def formula(self) -> str:
+        return fit_formula(self.scale, self.offset, self.per_layer)
 
     def with_drift(self, factor: float) -> Predictor:
         return dataclasses.replace(self, drift=factor)
@@ -232,6 +244,7 @@ class Predictor:
         """Write the table to ``path``; returns the predictor with its ``path``."""
         data = {"version": TABLE_VERSION, "space": self.space.name, "space_digest": space_digest(self.space),
                 "fingerprint": dataclasses.asdict(self.fingerprint), "scale": self.scale, "offset": self.offset,
+                "per_layer": self.per_layer,
                 "layers": [{**layer.to_json(), "ms": ms} for layer, ms in self.table.items()]}
         write_json_atomic(data, path, indent=1)
         return dataclasses.replace(self, path=path)
@@ -347,22 +360,40 @@ def profile(space: SearchSpace, *, device: str = "cpu", threads: int | None = No
         table = {layer: max(median_of_rounds(t) - overhead.get((layer.in_channels, layer.size), 0.0),
                             0.1 * median_of_rounds(t)) for layer, t in zip(layers, times[:len(layers)], strict=True)}
         measured = np.array([median_of_rounds(t) for t in times[first_net:]])
-    sums = np.array([Predictor(space, fp, table, 1.0, 0.0).layer_sum(spec) for spec in specs])
+    unfitted = Predictor(space, fp, table, 1.0, 0.0)
+    features = np.array([unfitted._sum_and_count(spec) for spec in specs], dtype=float)
+    sums, counts = features[:, 0], features[:, 1]
     # Least squares on relative error (weights 1/measured), since the goal is a percentage error. One scale per
     # feature-map size was tried too: within noise of this on both built-in spaces, with more to overfit.
+    # Outside torch a layer timed as a graph of its own still pays, beyond the empty graph's cost taken off above,
+    # what it does not inside a network: 22-27 us a layer in onnxruntime on mobilenetv3_small's 224 px layers here, a
+    # third of a small layer's time, which the offset cannot absorb as networks differ in depth (it fitted -0.2 ms
+    # against a 0.41 ms fastest network). A term per layer fits it: tau against 100 networks measured apart went from
+    # 0.89-0.90 to 0.91-0.93. In torch a layer is one Python call either way, and the term changed tau by under 0.01
+    # on both built-in spaces: not fitted there, one parameter fewer to overfit. Nor in a space of one depth, where
+    # the offset is the same thing.
+    per_layer_term = runtime != "torch" and np.ptp(counts) > 0
+    columns = [sums, np.ones(len(sums)), *([counts] if per_layer_term else [])]
     w = 1.0 / measured
-    a = np.stack([sums, np.ones(len(sums))], axis=1) * w[:, None]
-    scale, offset = (float(v) for v in np.linalg.lstsq(a, measured * w, rcond=None)[0])
-    check_fit(space, scale, offset, sums, measured, reference_index=2 if len(anchors) == 3 else None)
-    return Predictor(space, fp, table, scale, offset)
+    coef = np.linalg.lstsq(np.stack(columns, axis=1) * w[:, None], measured * w, rcond=None)[0]
+    scale, offset, per_layer = float(coef[0]), float(coef[1]), float(coef[2]) if len(coef) > 2 else 0.0
+    check_fit(space, scale, offset, sums, measured, reference_index=2 if len(anchors) == 3 else None,
+              per_layer=per_layer, counts=counts)
+    return Predictor(space, fp, table, scale, offset, per_layer=per_layer)
+
+
+def fit_formula(scale: float, offset: float, per_layer: float = 0.0) -> str:
+    layers = f" {per_layer * 1e3:+.1f} us x layers" if per_layer else ""
+    return f"predicted = {scale:.3f} x sum of layers{layers} {offset:+.3f} ms"
 
 
 def check_fit(space: SearchSpace, scale: float, offset: float, sums: np.ndarray, measured: np.ndarray, *,
-              reference_index: int | None) -> None:
-    """Refuse an implausible correction. ``sums`` and ``measured`` are the fit networks' layer sums and direct
-    measurements, the largest member first, then the smallest, then the reference (at ``reference_index``)."""
-    fitted = f"predicted = {scale:.3f} x sum of layers {offset:+.3f} ms"
-    if not (math.isfinite(scale) and math.isfinite(offset)):
+              reference_index: int | None, per_layer: float = 0.0, counts: np.ndarray | None = None) -> None:
+    """Refuse an implausible correction. ``sums``, ``counts`` and ``measured`` are the fit networks' layer sums,
+    numbers of layers and direct measurements, the largest member first, then the smallest, then the reference (at
+    ``reference_index``)."""
+    fitted = fit_formula(scale, offset, per_layer)
+    if not all(math.isfinite(v) for v in (scale, offset, per_layer)):
         enforce(_refuse(space, f"the fit did not converge ({fitted})"))
     if not SCALE_BAND[0] <= scale <= SCALE_BAND[1]:
         enforce(_refuse(space, f"{fitted}: a scale outside [{SCALE_BAND[0]}, {SCALE_BAND[1]}] means whole networks "
@@ -370,7 +401,11 @@ def check_fit(space: SearchSpace, scale: float, offset: float, sums: np.ndarray,
     if abs(offset) > MAX_OFFSET_SHARE * float(measured.min()):
         enforce(_refuse(space, f"{fitted}: the offset is over {MAX_OFFSET_SHARE:.0%} of the fastest network's "
                              f"{measured.min():.3f} ms"))
-    predicted = scale * sums + offset
+    layer_term = per_layer * (np.zeros_like(sums) if counts is None else counts)
+    if np.any(np.abs(layer_term) > MAX_PER_LAYER_SHARE * scale * sums):
+        enforce(_refuse(space, f"{fitted}: the per-layer term is over {MAX_PER_LAYER_SHARE:.0%} of a network's scaled "
+                             "sum of layers, so its layers were not timed as the network runs them"))
+    predicted = scale * sums + layer_term + offset
     if predicted[0] <= predicted[1]:
         enforce(_refuse(space, f"{fitted} predicts the largest member ({predicted[0]:.3f} ms) no slower than the "
                              f"smallest ({predicted[1]:.3f} ms)"))
@@ -385,18 +420,21 @@ def load_table(path: Path, space: SearchSpace, expected: Fingerprint | None, *, 
     """Read a table, refusing one made for another space or device unless ``force``."""
     try:
         data = json.loads(path.read_text())
+        version = data["version"]
+        if version != TABLE_VERSION:  # before its fields: another version's are not this one's
+            raise SpecError("", f"latency table version {version}, this nas reads {TABLE_VERSION}", source=str(path))
         fp = Fingerprint(**data["fingerprint"])
         table = {Layer.from_json(d): float(d["ms"]) for d in data["layers"]}
-        scale, offset = float(data["scale"]), float(data["offset"])
-        version, name, digest = data["version"], data["space"], data["space_digest"]
+        scale, offset, per_layer = float(data["scale"]), float(data["offset"]), float(data["per_layer"])
+        name, digest = data["space"], data["space_digest"]
     except FileNotFoundError:
         raise SpecError("", "no such latency table", source=str(path)) from None
+    except SpecError:
+        raise
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SpecError("", f"not a readable latency table ({type(e).__name__}: {e})", source=str(path)) from None
-    if version != TABLE_VERSION:
-        raise SpecError("", f"latency table version {version}, this nas reads {TABLE_VERSION}", source=str(path))
     try:
-        predictor = Predictor(space, fp, table, scale, offset, path)
+        predictor = Predictor(space, fp, table, scale, offset, path, per_layer=per_layer)
     except SpecError as e:
         raise e.in_file(path) from None
     if not force:
