@@ -41,6 +41,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import cifar_images, write_section
+from bench_latency import VALIDATE_ROUNDS
 from bench_verify import SIZES
 
 import nas
@@ -273,7 +274,7 @@ def _predictors(spaces: tuple[str, ...], runtimes: tuple[str, ...]) -> tuple[lis
             build_s = time.perf_counter() - t
             drift = calibrate(p)
             t = time.perf_counter()
-            v = validate(p.with_drift(drift.factor), space, n=100)
+            v = validate(p.with_drift(drift.factor), space, n=100, rounds=VALIDATE_ROUNDS)
             rows.append(f"| {space_name} | {runtime} | {build_s:.0f} s | x{drift.factor:.3f} | "
                         f"{v.relative_within_10:.0%} ({v.relative_noise_within_10:.0%}) | {v.within_10:.0%} "
                         f"({v.noise_within_10:.0%}) | {v.kendall_tau:.3f} ({v.noise_kendall_tau:.3f}) | "
@@ -294,9 +295,9 @@ def predictor() -> None:
         "deploy-predictor", "Deploy: the onnxruntime latency predictor",
         "`python tests/benchmarks/bench_deploy.py predictor`: for each space, a table built in onnxruntime fp32 (every "
         "layer exported as its own graph; the empty graph's call cost taken off each entry), then, straight after, "
-        "drift calibration and `latency validate` on 100 random networks (4 interleaved rounds beside the "
-        "reference); the torch table built and validated the same way just after, side by side. In brackets: the "
-        "measurement's own noise floor (its first two rounds against its last two). Goals: >= 95% within +-10% "
+        f"drift calibration and `latency validate` on 100 random networks ({VALIDATE_ROUNDS} interleaved rounds beside "
+        "the reference); the torch table built and validated the same way just after, side by side. In brackets: the "
+        "measurement's own noise floor (its first half of the rounds against its second). Goals: >= 95% within +-10% "
         "relative to the reference, tau >= 0.9.", PREDICTOR_SPACES, ("onnxruntime", "torch"))
 
 
@@ -306,9 +307,9 @@ def executorch_predictor() -> None:
         "`python tests/benchmarks/bench_deploy.py executorch-predictor`: the mobilenetv3_compact table built in "
         "ExecuTorch (every layer lowered to XNNPACK as a program of its own, all before any timing; the empty "
         "graph's call cost taken off each entry), then, straight after, drift calibration and `latency validate` on "
-        "100 random networks, each lowered whole (4 interleaved rounds beside the reference). In brackets: the "
-        "measurement's own noise floor. The torch and onnxruntime predictors' goals: >= 95% within +-10% relative "
-        "to the reference, tau >= 0.9.", ("mobilenetv3_compact",), ("executorch",))
+        f"100 random networks, each lowered whole ({VALIDATE_ROUNDS} interleaved rounds beside the reference). In "
+        "brackets: the measurement's own noise floor. The torch and onnxruntime predictors' goals: >= 95% within "
+        "+-10% relative to the reference, tau >= 0.9.", ("mobilenetv3_compact",), ("executorch",))
 
 
 PARTS = ("export", "runtimes", "isolation", "overhead", "predictor", "executorch-predictor")
