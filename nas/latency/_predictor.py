@@ -366,7 +366,7 @@ def profile(space: SearchSpace, *, device: str = "cpu", threads: int | None = No
     # Least squares on relative error (weights 1/measured), since the goal is a percentage error. One scale per
     # feature-map size was tried too: within noise of this on both built-in spaces, with more to overfit.
     # Outside torch a layer timed as a graph of its own still pays, beyond the empty graph's cost taken off above,
-    # what it does not inside a network: 22-27 us a layer in onnxruntime on mobilenetv3_small's 224 px layers here, a
+    # what it does not inside a network: 19-27 us a layer in onnxruntime on mobilenetv3_small's 224 px layers here, a
     # third of a small layer's time, which the offset cannot absorb as networks differ in depth (it fitted -0.2 ms
     # against a 0.41 ms fastest network). A term per layer fits it: tau against 100 networks measured apart went from
     # 0.89-0.90 to 0.91-0.93. In torch a layer is one Python call either way, and the term changed tau by under 0.01
