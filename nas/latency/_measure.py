@@ -215,10 +215,10 @@ def common_mode(samples: list[list[list[float]]], chronology: list[int], window:
         typical = [statistics.median(m) if m else 1.0 for m in per_call]
         ratio = [med[k] / typical[i] if typical[i] > 0 else 1.0 for k, (i, _) in enumerate(order)]
         factor = [statistics.median(ratio[max(0, k - window):k + window + 1]) for k in range(len(order))]
-    out = [[list(r) for r in call] for call in samples]
+    out: list[list[list[float]]] = [[[] for _ in call] for call in samples]  # every visit is in the chronology
     for k, (i, v) in enumerate(order):
-        if factor[k] > 0:
-            out[i][v] = [t / factor[k] for t in samples[i][v]]
+        speed = factor[k] if factor[k] > 0 else 1.0
+        out[i][v] = [t / speed for t in samples[i][v]]
     return out
 
 
