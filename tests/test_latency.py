@@ -97,6 +97,24 @@ def test_a_foreign_table_is_refused_unless_forced(tiny_predictor: Predictor, tmp
         load_predictor(space, table=foreign, force=True)
 
 
+def test_the_per_layer_term_is_fitted_only_where_it_earns_its_parameter() -> None:
+    import numpy as np
+
+    from nas.latency._predictor import fit_correction
+    rng = np.random.default_rng(0)
+    counts = rng.integers(10, 18, 30).astype(float)  # members of different depths
+    sums = counts * rng.uniform(0.05, 0.12, 30)
+    noise = 1 + rng.normal(0, 0.005, 30)
+    with_cost = (1.1 * sums - 0.02 * counts + 0.05) * noise  # a graph of its own pays 20 us a layer more
+    scale, offset, per_layer = fit_correction(sums, counts, with_cost, per_layer_term=True)
+    assert per_layer == pytest.approx(-0.02, abs=0.003) and scale == pytest.approx(1.1, abs=0.05)
+    assert fit_correction(sums, counts, with_cost, per_layer_term=False)[2] == 0.0  # torch
+    assert fit_correction(sums, np.full(30, 12.0), with_cost, per_layer_term=True)[2] == 0.0  # one depth
+    without = (1.1 * sums + 0.05) * noise  # no such cost: the term would only trade against the offset
+    scale, offset, per_layer = fit_correction(sums, counts, without, per_layer_term=True)
+    assert per_layer == 0.0 and (scale, offset) == (pytest.approx(1.1, abs=0.02), pytest.approx(0.05, abs=0.02))
+
+
 def test_the_per_layer_term_is_stored_with_the_table(tiny_predictor: Predictor, tmp_path: Path) -> None:
     saved = dataclasses.replace(tiny_predictor, per_layer=-0.0123).save(tmp_path / "t.json")
     again = load_table(saved.path, tiny_predictor.space, tiny_predictor.fingerprint)

@@ -363,23 +363,41 @@ def profile(space: SearchSpace, *, device: str = "cpu", threads: int | None = No
     unfitted = Predictor(space, fp, table, 1.0, 0.0)
     features = np.array([unfitted._sum_and_count(spec) for spec in specs], dtype=float)
     sums, counts = features[:, 0], features[:, 1]
-    # Least squares on relative error (weights 1/measured), since the goal is a percentage error. One scale per
-    # feature-map size was tried too: within noise of this on both built-in spaces, with more to overfit.
-    # Outside torch a layer timed as a graph of its own still pays, beyond the empty graph's cost taken off above,
-    # what it does not inside a network: 19-27 us a layer in onnxruntime on mobilenetv3_small's 224 px layers here, a
-    # third of a small layer's time, which the offset cannot absorb as networks differ in depth (it fitted -0.2 ms
-    # against a 0.41 ms fastest network). A term per layer fits it: tau against 100 networks measured apart went from
-    # 0.89-0.90 to 0.91-0.93. In torch a layer is one Python call either way, and the term changed tau by under 0.01
-    # on both built-in spaces: not fitted there, one parameter fewer to overfit. Nor in a space of one depth, where
-    # the offset is the same thing.
-    per_layer_term = runtime != "torch" and np.ptp(counts) > 0
-    columns = [sums, np.ones(len(sums)), *([counts] if per_layer_term else [])]
-    w = 1.0 / measured
-    coef = np.linalg.lstsq(np.stack(columns, axis=1) * w[:, None], measured * w, rcond=None)[0]
-    scale, offset, per_layer = float(coef[0]), float(coef[1]), float(coef[2]) if len(coef) > 2 else 0.0
+    scale, offset, per_layer = fit_correction(sums, counts, measured, per_layer_term=runtime != "torch")
     check_fit(space, scale, offset, sums, measured, reference_index=2 if len(anchors) == 3 else None,
               per_layer=per_layer, counts=counts)
     return Predictor(space, fp, table, scale, offset, per_layer=per_layer)
+
+
+def fit_correction(sums: np.ndarray, counts: np.ndarray, measured: np.ndarray, *, per_layer_term: bool
+                   ) -> tuple[float, float, float]:
+    """(scale, offset, per_layer) fitting ``measured`` ~ scale x ``sums`` + per_layer x ``counts`` + offset.
+
+    Least squares on relative error (weights 1/measured), since the goal is a percentage error. One scale per
+    feature-map size was tried too: within noise of this on both built-in spaces, with more to overfit.
+    Outside torch (``per_layer_term``) a layer timed as a graph of its own still pays, beyond the empty graph's cost
+    taken off its entry, what it does not inside a network: 19-27 us a layer in onnxruntime on mobilenetv3_small's
+    224 px layers here, a third of a small layer's time, which the offset cannot absorb as members differ in depth (it
+    fitted -0.2 ms against a 0.41 ms fastest network). A term per layer fits it: tau against 100 networks measured
+    apart went from 0.89-0.90 to 0.91-0.93. Where that cost is nil (onnxruntime and ExecuTorch on the 32 px
+    mobilenetv3_compact) the term only trades against the offset, since depth varies little (an ExecuTorch build
+    fitted +3.1 us x layers -0.048 ms against a 0.052 ms fastest network), so it is kept only when it earns its
+    parameter: a lower Bayesian information criterion than scale and offset alone. In torch a layer is one Python
+    call either way and the term changed tau by under 0.01 on both built-in spaces: not fitted there."""
+    w = 1.0 / measured
+
+    def fit(columns: list[np.ndarray]) -> tuple[np.ndarray, float]:
+        coef = np.linalg.lstsq(np.stack(columns, axis=1) * w[:, None], measured * w, rcond=None)[0]
+        residual = float(np.sum((np.stack(columns, axis=1) @ coef * w - 1.0) ** 2))
+        n = len(measured)
+        return coef, n * math.log(max(residual, 1e-300) / n) + len(columns) * math.log(n)
+
+    two, bic_two = fit([sums, np.ones(len(sums))])
+    if per_layer_term and np.ptp(counts) > 0:
+        three, bic_three = fit([sums, np.ones(len(sums)), counts])
+        if bic_three < bic_two:
+            return float(three[0]), float(three[1]), float(three[2])
+    return float(two[0]), float(two[1]), 0.0
 
 
 def fit_formula(scale: float, offset: float, per_layer: float = 0.0) -> str:
