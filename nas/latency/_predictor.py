@@ -1,8 +1,9 @@
 """A latency predictor built on the user's own device: a table of every layer a space can hold.
 
 Predicted latency of a network = a * (sum of its layers' measured latencies) + c * (its number of layers) + b, where
-a, b (and c outside torch) are fitted on a sample of whole networks measured for real (the sum misses per-network
-overhead and cache effects; c, what a layer pays as a graph of its own and not inside a network).
+a, b (and c outside torch, where it earns its place) are fitted on a sample of whole networks measured for real
+(the sum misses per-network overhead and cache effects; c, what a layer pays as a graph of its own and not inside a
+network).
 The predictor is a function of the network description only: its table keys are hashable dataclasses.
 """
 
@@ -198,7 +199,7 @@ class Predictor:
     scale: float
     offset: float
     path: Path | None = None
-    per_layer: float = 0.0  # ms per layer (fitted outside torch; see profile)
+    per_layer: float = 0.0  # ms per layer (fitted outside torch where it earns its place; see fit_correction)
     drift: float = 1.0  # this machine's speed now against the table's (nas.latency.calibrate); not stored
 
     def __post_init__(self) -> None:
@@ -387,8 +388,9 @@ def fit_correction(sums: np.ndarray, counts: np.ndarray, measured: np.ndarray, *
     w = 1.0 / measured
 
     def fit(columns: list[np.ndarray]) -> tuple[np.ndarray, float]:
-        coef = np.linalg.lstsq(np.stack(columns, axis=1) * w[:, None], measured * w, rcond=None)[0]
-        residual = float(np.sum((np.stack(columns, axis=1) @ coef * w - 1.0) ** 2))
+        x = np.stack(columns, axis=1) * w[:, None]
+        coef = np.linalg.lstsq(x, measured * w, rcond=None)[0]
+        residual = float(np.sum((x @ coef - 1.0) ** 2))  # relative errors: measured * w is 1
         n = len(measured)
         return coef, n * math.log(max(residual, 1e-300) / n) + len(columns) * math.log(n)
 
