@@ -50,7 +50,10 @@ def test_prediction_is_the_corrected_sum_over_layers(tiny_predictor: Predictor) 
     space = tiny_predictor.space
     spec = space.sample(random.Random(3))
     total = sum(tiny_predictor.table[layer] for layer in layers_of(spec))
-    assert tiny_predictor.predict(spec) == pytest.approx(tiny_predictor.scale * total + tiny_predictor.offset)
+    params = sum(tiny_predictor.params[layer] for layer in layers_of(spec))
+    assert params == sum(p.numel() for p in nas.build_model(spec).parameters())  # every weight, counted once
+    assert tiny_predictor.predict(spec) == pytest.approx(tiny_predictor.scale * total + tiny_predictor.offset
+                                                         + tiny_predictor.per_mparam * params / 1e6)
     assert tiny_predictor.per_layer == 0.0  # torch fits no per-layer term
     per_layer = dataclasses.replace(tiny_predictor, per_layer=0.004)
     assert per_layer.predict(spec) == pytest.approx(tiny_predictor.predict(spec) + 0.004 * len(layers_of(spec)))
@@ -90,36 +93,56 @@ def test_a_foreign_table_is_refused_unless_forced(tiny_predictor: Predictor, tmp
     foreign.write_text("{ not json")
     with pytest.raises(nas.SpecError, match="not a readable latency table"):
         load_predictor(space, table=foreign)
-    del data["per_layer"]  # a table of the version before the per-layer term
-    data["version"] = 2
+    del data["per_mparam"]  # a table of the version before the weights term
+    data["version"] = 3
     foreign.write_text(json.dumps(data))
-    with pytest.raises(nas.SpecError, match=r"foreign\.json: latency table version 2, this nas reads 3$"):
+    with pytest.raises(nas.SpecError, match=r"foreign\.json: latency table version 3, this nas reads 4$"):
         load_predictor(space, table=foreign, force=True)
 
 
-def test_the_per_layer_term_is_fitted_only_where_it_earns_its_parameter() -> None:
+def test_the_extra_terms_are_fitted_only_where_they_earn_their_parameter_and_are_physical() -> None:
     import numpy as np
 
     from nas.latency._predictor import fit_correction
     rng = np.random.default_rng(0)
     counts = rng.integers(10, 18, 30).astype(float)  # members of different depths
     sums = counts * rng.uniform(0.05, 0.12, 30)
+    mparams = rng.uniform(0.5, 3.0, 30)  # and sizes
+    none = np.zeros(30)  # no parameter counts: no weights term
     noise = 1 + rng.normal(0, 0.005, 30)
+
+    def fit(measured: np.ndarray, *, counts: np.ndarray = counts, mparams: np.ndarray = none,
+            per_layer_term: bool = True, cheapest_layer: float = 0.04) -> tuple[float, float, float, float]:
+        return fit_correction(sums, counts, mparams, measured, per_layer_term=per_layer_term,
+                              cheapest_layer=cheapest_layer)
+
     with_cost = (1.1 * sums - 0.02 * counts + 0.05) * noise  # a graph of its own pays 20 us a layer more
-    scale, offset, per_layer = fit_correction(sums, counts, with_cost, per_layer_term=True)
-    assert per_layer == pytest.approx(-0.02, abs=0.003) and scale == pytest.approx(1.1, abs=0.05)
-    assert fit_correction(sums, counts, with_cost, per_layer_term=False)[2] == 0.0  # torch
-    assert fit_correction(sums, np.full(30, 12.0), with_cost, per_layer_term=True)[2] == 0.0  # one depth
+    scale, offset, per_layer, per_mparam = fit(with_cost)
+    assert per_layer == pytest.approx(-0.02, abs=0.003) and scale == pytest.approx(1.1, abs=0.05) and per_mparam == 0
+    assert fit(with_cost, per_layer_term=False)[2] == 0.0  # torch
+    assert fit(with_cost, counts=np.full(30, 12.0))[2] == 0.0  # one depth
+    # Unphysical: with it a network would get faster for a layer of 10 us more (1.1 x 0.01 - 0.02 < 0)
+    assert fit(with_cost, cheapest_layer=0.01) == fit(with_cost, per_layer_term=False)
     without = (1.1 * sums + 0.05) * noise  # no such cost: the term would only trade against the offset
-    scale, offset, per_layer = fit_correction(sums, counts, without, per_layer_term=True)
-    assert per_layer == 0.0 and (scale, offset) == (pytest.approx(1.1, abs=0.02), pytest.approx(0.05, abs=0.02))
+    scale, offset, per_layer, per_mparam = fit(without, mparams=mparams)
+    assert per_layer == per_mparam == 0.0
+    assert (scale, offset) == (pytest.approx(1.1, abs=0.02), pytest.approx(0.05, abs=0.02))
+    weights = (1.0 * sums + 0.1 * mparams + 0.05) * noise  # weights fetched at 0.1 ms per million parameters
+    scale, offset, per_layer, per_mparam = fit(weights, mparams=mparams)
+    assert per_mparam == pytest.approx(0.1, abs=0.01) and per_layer == 0.0 and scale == pytest.approx(1.0, abs=0.05)
+    both = weights - 0.02 * counts * noise
+    assert fit(both, mparams=mparams)[2:] == (pytest.approx(-0.02, abs=0.004), pytest.approx(0.1, abs=0.015))
+    saving = (1.0 * sums - 0.1 * mparams + 0.5) * noise  # parameters that make a network faster: not physical
+    assert fit(saving, mparams=mparams)[3] == 0.0
 
 
-def test_the_per_layer_term_is_stored_with_the_table(tiny_predictor: Predictor, tmp_path: Path) -> None:
-    saved = dataclasses.replace(tiny_predictor, per_layer=-0.0123).save(tmp_path / "t.json")
+def test_the_extra_terms_are_stored_with_the_table(tiny_predictor: Predictor, tmp_path: Path) -> None:
+    saved = dataclasses.replace(tiny_predictor, per_layer=-0.0123, per_mparam=0.0456).save(tmp_path / "t.json")
     again = load_table(saved.path, tiny_predictor.space, tiny_predictor.fingerprint)
-    assert again.per_layer == -0.0123 and again.formula() == saved.formula()
-    assert "-12.3 us x layers" in again.formula()
+    assert (again.per_layer, again.per_mparam, again.params) == (-0.0123, 0.0456, tiny_predictor.params)
+    assert again.formula() == saved.formula() and "-12.3 us x layers +0.046 ms x M params" in again.formula()
+    spec = tiny_predictor.space.largest()
+    assert again.predict(spec) == saved.predict(spec)
 
 
 def test_predicting_a_non_member_names_the_missing_layer(tiny_predictor: Predictor) -> None:
@@ -283,6 +306,7 @@ def test_a_busy_machine_is_refused_within_seconds(monkeypatch: pytest.MonkeyPatc
         return [[[1.0 + (r % 2) * (i == 0)] * 5 for r in range(rounds)] for i in range(len(specs))]
 
     monkeypatch.setattr(predictor_module, "time_networks", erratic)
+    monkeypatch.setattr(predictor_module, "busy_share", lambda: 0.0)  # the probe must refuse, however busy this is
     start = time.perf_counter()
     with pytest.raises(nas.SpecError, match=r"refused: the same network's timings varied by 100% across 5 rounds"):
         load_predictor(load_space(TINY), root=tmp_path, progress=False)
@@ -305,6 +329,7 @@ def test_layers_that_keep_disagreeing_refuse_the_table(monkeypatch: pytest.Monke
     monkeypatch.setenv("NAS_LATENCY_CHECKS", "refuse")
     monkeypatch.setattr(predictor_module, "time_networks",
                         lambda specs, *, rounds, **kw: [[[1.0] * 5] * rounds for _ in specs])  # a steady probe
+    monkeypatch.setattr(predictor_module, "busy_share", lambda: 0.0)  # a quiet machine, however busy this one is
 
     class Noisy:  # every layer: its round medians alternate 0.1 / 0.3 ms, however often it is measured again,
         # each out of step with its neighbours (so not the machine's speed, which the correction divides out)

@@ -1,9 +1,9 @@
 """A latency predictor built on the user's own device: a table of every layer a space can hold.
 
-Predicted latency of a network = a * (sum of its layers' measured latencies) + c * (its number of layers) + b, where
-a, b (and c outside torch, where it earns its place) are fitted on a sample of whole networks measured for real
-(the sum misses per-network overhead and cache effects; c, what a layer pays as a graph of its own and not inside a
-network).
+Predicted latency of a network = a * (sum of its layers' measured latencies) + b + c * (its number of layers)
++ d * (its millions of parameters), where a and b, and c and d where each earns its place, are fitted on a sample of
+whole networks measured for real: the sum misses per-network overhead; c, what a layer pays as a graph of its own and
+not inside a network (outside torch); d, fetching weights that a layer timed alone on repeat keeps in cache.
 The predictor is a function of the network description only: its table keys are hashable dataclasses.
 """
 
@@ -54,7 +54,7 @@ from nas.spec import (
     network_parts,
 )
 
-TABLE_VERSION = 3  # 2: interleaved rounds and a fixed malloc; 3: the per-layer term (older tables are rebuilt)
+TABLE_VERSION = 4  # 2: interleaved rounds, a fixed malloc; 3: the per-layer term; 4: the weights term (older: rebuilt)
 
 # What a trustworthy table is. A build that cannot meet these refuses, naming the cause, rather than writing a table
 # that ranks networks wrongly (two builds on a busy machine fitted 0.009 x sum + 14.5 ms and -0.009 x sum + 13.1 ms).
@@ -200,43 +200,49 @@ class Predictor:
     offset: float
     path: Path | None = None
     per_layer: float = 0.0  # ms per layer (fitted outside torch where it earns its place; see fit_correction)
+    per_mparam: float = 0.0  # ms per million parameters (fitted where it earns its place; see fit_correction)
+    params: Mapping[Layer, int] = dataclasses.field(default_factory=dict)  # each layer's parameters (with per_mparam)
     drift: float = 1.0  # this machine's speed now against the table's (nas.latency.calibrate); not stored
 
     def __post_init__(self) -> None:
-        for name in ("scale", "offset", "drift", "per_layer"):
+        for name in ("scale", "offset", "drift", "per_layer", "per_mparam"):
             if not math.isfinite(getattr(self, name)):
                 raise SpecError(name, f"{getattr(self, name)} is not a finite number")
         for layer, ms in self.table.items():
             if not (math.isfinite(ms) and ms > 0):
                 raise SpecError("layers", f"{ms} ms for {type(layer.op).__name__} at {layer.size}x{layer.size}: "
                                           "every entry must be a finite, positive time")
+        if self.per_mparam and self.params.keys() != self.table.keys():
+            raise SpecError("layers", "a weights term needs every layer's parameter count")
 
     device = property(lambda self: self.fingerprint.device)
     threads = property(lambda self: self.fingerprint.threads)
     batch_size = property(lambda self: self.fingerprint.batch_size)
 
     def layer_sum(self, spec: NetworkSpec) -> float:
-        return self._sum_and_count(spec)[0]
+        return self.features(spec)[0]
 
-    def _sum_and_count(self, spec: NetworkSpec) -> tuple[float, int]:
-        """The table's entries for ``spec``'s layers, summed, and how many layers that is."""
+    def features(self, spec: NetworkSpec) -> tuple[float, int, float]:
+        """What the fit weighs for ``spec``: the table's entries for its layers summed (ms), how many layers that is,
+        and their millions of parameters (0 without parameter counts)."""
         layers = layers_of(spec)
-        total = 0.0
+        total, params = 0.0, 0
         for layer in layers:
             ms = self.table.get(layer)
             if ms is None:
                 raise SpecError("", f"layer {layer.op} at {layer.size}x{layer.size} is not in the latency table "
                                     f"of space {self.space.name!r}; is the spec a member?")
             total += ms
-        return total, len(layers)
+            params += self.params.get(layer, 0)
+        return total, len(layers), params / 1e6
 
     def predict(self, spec: NetworkSpec) -> float:
         """Predicted latency of ``nas.build_model(spec)`` in milliseconds (rescaled by ``drift``)."""
-        total, count = self._sum_and_count(spec)
-        return self.drift * (self.scale * total + self.per_layer * count + self.offset)
+        total, count, mparams = self.features(spec)
+        return self.drift * (self.scale * total + self.per_layer * count + self.per_mparam * mparams + self.offset)
 
     def formula(self) -> str:
-        return fit_formula(self.scale, self.offset, self.per_layer)
+        return fit_formula(self.scale, self.offset, self.per_layer, self.per_mparam)
 
     def with_drift(self, factor: float) -> Predictor:
         return dataclasses.replace(self, drift=factor)
@@ -245,8 +251,9 @@ class Predictor:
         """Write the table to ``path``; returns the predictor with its ``path``."""
         data = {"version": TABLE_VERSION, "space": self.space.name, "space_digest": space_digest(self.space),
                 "fingerprint": dataclasses.asdict(self.fingerprint), "scale": self.scale, "offset": self.offset,
-                "per_layer": self.per_layer,
-                "layers": [{**layer.to_json(), "ms": ms} for layer, ms in self.table.items()]}
+                "per_layer": self.per_layer, "per_mparam": self.per_mparam,
+                "layers": [{**layer.to_json(), "ms": ms, "params": self.params.get(layer, 0)}
+                           for layer, ms in self.table.items()]}
         write_json_atomic(data, path, indent=1)
         return dataclasses.replace(self, path=path)
 
@@ -289,7 +296,7 @@ def _refuse(space: SearchSpace, cause: str) -> SpecError:
 
 
 def profile(space: SearchSpace, *, device: str = "cpu", threads: int | None = None, batch_size: int = 1,
-            rounds: int = 3, warmup: int = 2, repeats: int = 7, fit_networks: int = 30, seed: int = 0,
+            rounds: int = 3, warmup: int = 2, repeats: int = 7, fit_networks: int = 60, seed: int = 0,
             progress: bool = True, runtime: str = "torch") -> Predictor:
     """Measure every layer of ``space`` on this device in ``runtime``, then fit the correction on whole networks.
 
@@ -361,59 +368,80 @@ def profile(space: SearchSpace, *, device: str = "cpu", threads: int | None = No
         table = {layer: max(median_of_rounds(t) - overhead.get((layer.in_channels, layer.size), 0.0),
                             0.1 * median_of_rounds(t)) for layer, t in zip(layers, times[:len(layers)], strict=True)}
         measured = np.array([median_of_rounds(t) for t in times[first_net:]])
-    unfitted = Predictor(space, fp, table, 1.0, 0.0)
-    features = np.array([unfitted._sum_and_count(spec) for spec in specs], dtype=float)
-    sums, counts = features[:, 0], features[:, 1]
-    scale, offset, per_layer = fit_correction(sums, counts, measured, per_layer_term=runtime != "torch")
+    params = {layer: sum(p.numel() for p in layer.module(space.batch_norm).parameters()) for layer in layers}
+    unfitted = Predictor(space, fp, table, 1.0, 0.0, params=params)
+    sums, counts, mparams = np.array([unfitted.features(spec) for spec in specs], dtype=float).T
+    scale, offset, per_layer, per_mparam = fit_correction(sums, counts, mparams, measured,
+                                                          per_layer_term=runtime != "torch",
+                                                          cheapest_layer=min(table.values()))
     check_fit(space, scale, offset, sums, measured, reference_index=2 if len(anchors) == 3 else None,
-              per_layer=per_layer, counts=counts)
-    return Predictor(space, fp, table, scale, offset, per_layer=per_layer)
+              per_layer=per_layer, counts=counts, per_mparam=per_mparam, mparams=mparams)
+    return Predictor(space, fp, table, scale, offset, per_layer=per_layer, per_mparam=per_mparam, params=params)
 
 
-def fit_correction(sums: np.ndarray, counts: np.ndarray, measured: np.ndarray, *, per_layer_term: bool
-                   ) -> tuple[float, float, float]:
-    """(scale, offset, per_layer) fitting ``measured`` ~ scale x ``sums`` + per_layer x ``counts`` + offset.
+def fit_correction(sums: np.ndarray, counts: np.ndarray, mparams: np.ndarray, measured: np.ndarray, *,
+                   per_layer_term: bool, cheapest_layer: float) -> tuple[float, float, float, float]:
+    """(scale, offset, per_layer, per_mparam) fitting ``measured`` ~ scale x ``sums`` + offset + per_layer x ``counts``
+    + per_mparam x ``mparams`` (the fit networks' layer sums, numbers of layers and millions of parameters).
 
     Least squares on relative error (weights 1/measured), since the goal is a percentage error. One scale per
-    feature-map size was tried too: within noise of this on both built-in spaces, with more to overfit.
-    Outside torch (``per_layer_term``) a layer timed as a graph of its own still pays, beyond the empty graph's cost
-    taken off its entry, what it does not inside a network: 19-27 us a layer in onnxruntime on mobilenetv3_small's
-    224 px layers here, a third of a small layer's time, which the offset cannot absorb as members differ in depth (it
-    fitted -0.2 ms against a 0.41 ms fastest network). A term per layer fits it: tau against 100 networks measured
-    apart went from 0.89-0.90 to 0.91-0.93. Where that cost is nil (onnxruntime and ExecuTorch on the 32 px
-    mobilenetv3_compact) the term only trades against the offset, since depth varies little (an ExecuTorch build
-    fitted +3.1 us x layers -0.048 ms against a 0.052 ms fastest network), so it is kept only when it earns its
-    parameter: a lower Bayesian information criterion than scale and offset alone. In torch a layer is one Python
-    call either way and the term changed tau by under 0.01 on both built-in spaces: not fitted there."""
+    feature-map size was tried too: within noise of this on both built-in spaces, with more to overfit. Two terms may
+    join scale and offset, each where it earns its parameter (a lower Bayesian information criterion, added one at a
+    time, best first) and is physical:
+    - Weights (``mparams``): a layer timed alone, call after call, finds its weights in cache; inside a network every
+      layer's weights are fetched afresh, so a network pays for its parameters beyond its layers' entries. Where the
+      compute is small that cost is not: on the 32 px mobilenetv3_compact in onnxruntime, 100 networks measured apart
+      were within +-10% relative to the reference for 32% with scale and offset alone, and 84-93% with the term, in
+      three runs of ``tests/benchmarks/bench_deploy.py predictor`` in one noisy hour. Physical: per_mparam >= 0.
+    - Layers (``counts``, outside torch only: ``per_layer_term``): what a layer timed as a graph of its own pays beyond
+      the empty graph's cost taken off its entry, which the offset cannot absorb as members differ in depth. Physical:
+      every layer still adds time (scale x ``cheapest_layer``, the table's smallest entry, + per_layer > 0). Both terms
+      are collinear with the sum, so on a few dozen noisy networks they can fit noise: a mobilenetv3_small onnxruntime
+      build fitted -86.5 us x layers, below its cheapest entry, and validated at 84% within +-10% relative. In torch a
+      layer is one Python call either way and the per-layer term changed tau by under 0.01 on both built-in spaces."""
     w = 1.0 / measured
+    n = len(measured)
 
     def fit(columns: list[np.ndarray]) -> tuple[np.ndarray, float]:
         x = np.stack(columns, axis=1) * w[:, None]
         coef = np.linalg.lstsq(x, measured * w, rcond=None)[0]
         residual = float(np.sum((x @ coef - 1.0) ** 2))  # relative errors: measured * w is 1
-        n = len(measured)
         return coef, n * math.log(max(residual, 1e-300) / n) + len(columns) * math.log(n)
 
-    two, bic_two = fit([sums, np.ones(len(sums))])
-    if per_layer_term and np.ptp(counts) > 0:
-        three, bic_three = fit([sums, np.ones(len(sums)), counts])
-        if bic_three < bic_two:
-            return float(three[0]), float(three[1]), float(three[2])
-    return float(two[0]), float(two[1]), 0.0
+    def physical(coef: np.ndarray, names: list[str]) -> bool:
+        terms = dict(zip(names, coef[2:], strict=True))
+        return terms.get("per_mparam", 0.0) >= 0 and coef[0] * cheapest_layer + terms.get("per_layer", 0.0) > 0
+
+    candidates = {"per_mparam": mparams, **({"per_layer": counts} if per_layer_term else {})}
+    candidates = {name: column for name, column in candidates.items() if np.ptp(column) > 0}
+    chosen: list[str] = []
+    coef, bic = fit([sums, np.ones(n)])
+    while True:
+        tries = [(name, *fit([sums, np.ones(n), *(candidates[c] for c in chosen), candidates[name]]))
+                 for name in candidates if name not in chosen]
+        better = [(b, name, c) for name, c, b in tries if b < bic and physical(c, [*chosen, name])]
+        if not better:
+            break
+        bic, name, coef = min(better, key=lambda t: t[0])
+        chosen.append(name)
+    terms = dict(zip(chosen, coef[2:], strict=True))
+    return float(coef[0]), float(coef[1]), float(terms.get("per_layer", 0.0)), float(terms.get("per_mparam", 0.0))
 
 
-def fit_formula(scale: float, offset: float, per_layer: float = 0.0) -> str:
+def fit_formula(scale: float, offset: float, per_layer: float = 0.0, per_mparam: float = 0.0) -> str:
     layers = f" {per_layer * 1e3:+.1f} us x layers" if per_layer else ""
-    return f"predicted = {scale:.3f} x sum of layers{layers} {offset:+.3f} ms"
+    weights = f" {per_mparam:+.3f} ms x M params" if per_mparam else ""
+    return f"predicted = {scale:.3f} x sum of layers{layers}{weights} {offset:+.3f} ms"
 
 
 def check_fit(space: SearchSpace, scale: float, offset: float, sums: np.ndarray, measured: np.ndarray, *,
-              reference_index: int | None, per_layer: float = 0.0, counts: np.ndarray | None = None) -> None:
+              reference_index: int | None, per_layer: float = 0.0, counts: np.ndarray | None = None,
+              per_mparam: float = 0.0, mparams: np.ndarray | None = None) -> None:
     """Refuse an implausible correction. ``sums``, ``counts`` and ``measured`` are the fit networks' layer sums,
     numbers of layers and direct measurements, the largest member first, then the smallest, then the reference (at
     ``reference_index``)."""
-    fitted = fit_formula(scale, offset, per_layer)
-    if not all(math.isfinite(v) for v in (scale, offset, per_layer)):
+    fitted = fit_formula(scale, offset, per_layer, per_mparam)
+    if not all(math.isfinite(v) for v in (scale, offset, per_layer, per_mparam)):
         enforce(_refuse(space, f"the fit did not converge ({fitted})"))
     if not SCALE_BAND[0] <= scale <= SCALE_BAND[1]:
         enforce(_refuse(space, f"{fitted}: a scale outside [{SCALE_BAND[0]}, {SCALE_BAND[1]}] means whole networks "
@@ -425,7 +453,7 @@ def check_fit(space: SearchSpace, scale: float, offset: float, sums: np.ndarray,
     if np.any(np.abs(layer_term) > MAX_PER_LAYER_SHARE * scale * sums):
         enforce(_refuse(space, f"{fitted}: the per-layer term is over {MAX_PER_LAYER_SHARE:.0%} of a network's scaled "
                              "sum of layers, so its layers were not timed as the network runs them"))
-    predicted = scale * sums + layer_term + offset
+    predicted = scale * sums + layer_term + per_mparam * (np.zeros_like(sums) if mparams is None else mparams) + offset
     if predicted[0] <= predicted[1]:
         enforce(_refuse(space, f"{fitted} predicts the largest member ({predicted[0]:.3f} ms) no slower than the "
                              f"smallest ({predicted[1]:.3f} ms)"))
@@ -445,7 +473,9 @@ def load_table(path: Path, space: SearchSpace, expected: Fingerprint | None, *, 
             raise SpecError("", f"latency table version {version}, this nas reads {TABLE_VERSION}", source=str(path))
         fp = Fingerprint(**data["fingerprint"])
         table = {Layer.from_json(d): float(d["ms"]) for d in data["layers"]}
+        params = {Layer.from_json(d): int(d["params"]) for d in data["layers"]}
         scale, offset, per_layer = float(data["scale"]), float(data["offset"]), float(data["per_layer"])
+        per_mparam = float(data["per_mparam"])
         name, digest = data["space"], data["space_digest"]
     except FileNotFoundError:
         raise SpecError("", "no such latency table", source=str(path)) from None
@@ -454,7 +484,8 @@ def load_table(path: Path, space: SearchSpace, expected: Fingerprint | None, *, 
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SpecError("", f"not a readable latency table ({type(e).__name__}: {e})", source=str(path)) from None
     try:
-        predictor = Predictor(space, fp, table, scale, offset, path, per_layer=per_layer)
+        predictor = Predictor(space, fp, table, scale, offset, path, per_layer=per_layer, per_mparam=per_mparam,
+                              params=params)
     except SpecError as e:
         raise e.in_file(path) from None
     if not force:

@@ -275,7 +275,7 @@ def _predictors(spaces: tuple[str, ...], runtimes: tuple[str, ...]) -> tuple[lis
             drift = calibrate(p)
             t = time.perf_counter()
             v = validate(p.with_drift(drift.factor), space, n=100, rounds=VALIDATE_ROUNDS)
-            rows.append(f"| {space_name} | {runtime} | {build_s:.0f} s | x{drift.factor:.3f} | "
+            rows.append(f"| {space_name} | {runtime} | {build_s:.0f} s | {p.formula()} | x{drift.factor:.3f} | "
                         f"{v.relative_within_10:.0%} ({v.relative_noise_within_10:.0%}) | {v.within_10:.0%} "
                         f"({v.noise_within_10:.0%}) | {v.kendall_tau:.3f} ({v.noise_kendall_tau:.3f}) | "
                         f"{time.perf_counter() - t:.0f} s |")
@@ -285,8 +285,9 @@ def _predictors(spaces: tuple[str, ...], runtimes: tuple[str, ...]) -> tuple[lis
 
 def _predictor_section(key: str, title: str, text: str, spaces: tuple[str, ...], runtimes: tuple[str, ...]) -> None:
     rows, refusals = _predictors(spaces, runtimes)
-    write_section(key, title, text + "\n\n| space | runtime | build | drift | within +-10% relative to reference | "
-                  "within +-10% absolute | Kendall tau | validation wall |\n|---|---|---|---|---|---|---|---|\n" +
+    write_section(key, title, text + "\n\n| space | runtime | build | fit | drift | within +-10% relative to "
+                  "reference | within +-10% absolute | Kendall tau | validation wall |\n"
+                  "|---|---|---|---|---|---|---|---|---|\n" +
                   "\n".join(rows) + "".join(f"\n\nRefused and retried a minute later: {r}" for r in refusals))
 
 

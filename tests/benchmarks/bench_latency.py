@@ -44,9 +44,11 @@ OUT = ROOT / "results" / "benchmarks"
 TABLES = OUT / "latency-tables"
 SPACES = ["mobilenetv3_compact", "mobilenetv3_small"]
 WAIT_S = 30 * 60
-# Rounds of the independent measurement: 8, so that its own noise (half its rounds against the other half) sits
-# well below the 0.9 tau it judges; with 4 its floor on mobilenetv3_compact was 0.65-0.84.
-VALIDATE_ROUNDS = 8
+# Rounds of the independent measurement: its own noise attenuates the tau it reports, so it must sit well above the 0.9
+# it judges. With 4 rounds the floor (half its rounds against the other half) on mobilenetv3_compact was 0.65-0.84;
+# with 8, 0.857-0.909 across spaces and runs 30 minutes after a build: still below 0.9. 16 (about 4 minutes for
+# mobilenetv3_small) makes each half as precise as the whole measurement was with 8.
+VALIDATE_ROUNDS = 16
 
 
 def build(spaces: list[str]) -> None:
@@ -55,7 +57,7 @@ def build(spaces: list[str]) -> None:
         start = time.perf_counter()
         predictor = load_predictor(load_space(name), root=TABLES, rebuild=True, progress=False)
         rows.append({"space": name, "layers": len(predictor.table), "profile_s": time.perf_counter() - start,
-                     "scale": predictor.scale, "offset_ms": predictor.offset, "built_at": time.time()})
+                     "fit": predictor.formula(), "built_at": time.time()})
         print(rows[-1], flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / "latency-build.json").write_text(json.dumps(rows, indent=2))
@@ -86,10 +88,10 @@ def later(spaces: list[str]) -> None:
                      "predict_us": statistics.median(per_call), "load": os.getloadavg(), **report.to_json()})
         print(report.format(), flush=True)
     (OUT / "latency-later.json").write_text(json.dumps(rows, indent=2))
-    table = ["| space | layers | profile time (quiet) | measured after | drift | within +-10% relative to the "
+    table = ["| space | layers | profile time (quiet) | fit | measured after | drift | within +-10% relative to the "
              "reference (noise floor) | within +-10% absolute (noise floor) | Kendall tau (noise floor) | MAPE "
-             "| predict() per call |", "|---|---|---|---|---|---|---|---|---|---|"]
-    table += [f"| {r['space']} | {r['layers']} | {r['profile_s']:.0f} s | {r['waited_min']:.0f} min | "
+             "| predict() per call |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    table += [f"| {r['space']} | {r['layers']} | {r['profile_s']:.0f} s | {r['fit']} | {r['waited_min']:.0f} min | "
               f"x{r['drift']:.3f} | {r['relative_within_10']:.0%} ({r['relative_noise_within_10']:.0%}) | "
               f"{r['within_10']:.0%} ({r['noise_within_10']:.0%}) | {r['kendall_tau']:.3f} "
               f"({r['noise_kendall_tau']:.3f}) | {r['mape']:.1%} | {r['predict_us']:.0f} us |" for r in rows]
