@@ -203,6 +203,7 @@ class Predictor:
     per_mparam: float = 0.0  # ms per million parameters (fitted where it earns its place; see fit_correction)
     params: Mapping[Layer, int] = dataclasses.field(default_factory=dict)  # each layer's parameters (with per_mparam)
     drift: float = 1.0  # this machine's speed now against the table's (nas.latency.calibrate); not stored
+    _entries: dict[Layer, tuple[float, int]] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("scale", "offset", "drift", "per_layer", "per_mparam"):
@@ -214,6 +215,9 @@ class Predictor:
                                           "every entry must be a finite, positive time")
         if self.per_mparam and self.params.keys() != self.table.keys():
             raise SpecError("layers", "a weights term needs every layer's parameter count")
+        # One lookup per layer in predict(), a search's hot path: hashing a Layer (its op's every field) is most of it.
+        entries = {layer: (ms, self.params.get(layer, 0)) for layer, ms in self.table.items()}
+        object.__setattr__(self, "_entries", entries)
 
     device = property(lambda self: self.fingerprint.device)
     threads = property(lambda self: self.fingerprint.threads)
@@ -228,12 +232,12 @@ class Predictor:
         layers = layers_of(spec)
         total, params = 0.0, 0
         for layer in layers:
-            ms = self.table.get(layer)
-            if ms is None:
+            entry = self._entries.get(layer)
+            if entry is None:
                 raise SpecError("", f"layer {layer.op} at {layer.size}x{layer.size} is not in the latency table "
                                     f"of space {self.space.name!r}; is the spec a member?")
-            total += ms
-            params += self.params.get(layer, 0)
+            total += entry[0]
+            params += entry[1]
         return total, len(layers), params / 1e6
 
     def predict(self, spec: NetworkSpec) -> float:
@@ -449,11 +453,11 @@ def check_fit(space: SearchSpace, scale: float, offset: float, sums: np.ndarray,
     if abs(offset) > MAX_OFFSET_SHARE * float(measured.min()):
         enforce(_refuse(space, f"{fitted}: the offset is over {MAX_OFFSET_SHARE:.0%} of the fastest network's "
                              f"{measured.min():.3f} ms"))
-    layer_term = per_layer * (np.zeros_like(sums) if counts is None else counts)
+    layer_term = per_layer * (0.0 if counts is None else counts)
     if np.any(np.abs(layer_term) > MAX_PER_LAYER_SHARE * scale * sums):
         enforce(_refuse(space, f"{fitted}: the per-layer term is over {MAX_PER_LAYER_SHARE:.0%} of a network's scaled "
                              "sum of layers, so its layers were not timed as the network runs them"))
-    predicted = scale * sums + layer_term + per_mparam * (np.zeros_like(sums) if mparams is None else mparams) + offset
+    predicted = scale * sums + layer_term + per_mparam * (0.0 if mparams is None else mparams) + offset
     if predicted[0] <= predicted[1]:
         enforce(_refuse(space, f"{fitted} predicts the largest member ({predicted[0]:.3f} ms) no slower than the "
                              f"smallest ({predicted[1]:.3f} ms)"))
@@ -472,8 +476,9 @@ def load_table(path: Path, space: SearchSpace, expected: Fingerprint | None, *, 
         if version != TABLE_VERSION:  # before its fields: another version's are not this one's
             raise SpecError("", f"latency table version {version}, this nas reads {TABLE_VERSION}", source=str(path))
         fp = Fingerprint(**data["fingerprint"])
-        table = {Layer.from_json(d): float(d["ms"]) for d in data["layers"]}
-        params = {Layer.from_json(d): int(d["params"]) for d in data["layers"]}
+        layers = [(Layer.from_json(d), d) for d in data["layers"]]
+        table = {layer: float(d["ms"]) for layer, d in layers}
+        params = {layer: int(d["params"]) for layer, d in layers}
         scale, offset, per_layer = float(data["scale"]), float(data["offset"]), float(data["per_layer"])
         per_mparam = float(data["per_mparam"])
         name, digest = data["space"], data["space_digest"]
