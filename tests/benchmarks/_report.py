@@ -7,12 +7,16 @@ import os
 import platform
 import re
 import tarfile
+import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import torch
 
 from nas.latency import Fingerprint
 
+T = TypeVar("T")
 BENCHMARKS = Path(__file__).resolve().parents[2] / "results" / "BENCHMARKS.md"
 # ../shared beside the checkout here; shared/ inside it on the device machine (see DEVELOPERS.md).
 _REPO = Path(__file__).resolve().parents[2]
@@ -33,6 +37,23 @@ def cifar_images(work: Path) -> Path | None:
         with tarfile.open(CIFAR, "r:gz") as tar:
             tar.extractall(images, filter="data")
     return images
+
+
+def retrying(build: Callable[[], T], label: str, refusals: list[str], attempts: int = 3) -> tuple[T, float] | None:
+    """``build()`` (a latency table) and the seconds it took, tried again a minute later when it refuses on a busy
+    machine (its job); each refusal is added to ``refusals`` with ``label``. None when every attempt refused."""
+    from nas import SpecError
+
+    for attempt in range(1, attempts + 1):
+        start = time.perf_counter()
+        try:
+            return build(), time.perf_counter() - start
+        except SpecError as e:
+            print(f"attempt {attempt}: {e}", flush=True)
+            refusals.append(f"{label}: {e}")
+            if attempt < attempts:
+                time.sleep(60)
+    return None
 
 
 def machine() -> str:

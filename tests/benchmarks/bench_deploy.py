@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import cifar_images, write_section
+from _report import cifar_images, retrying, write_section
 from bench_latency import VALIDATE_ROUNDS
 from bench_verify import SIZES
 
@@ -260,18 +260,12 @@ def _predictors(spaces: tuple[str, ...], runtimes: tuple[str, ...]) -> tuple[lis
     for space_name in spaces:
         space = load_space(space_name)
         for runtime in runtimes:
-            for attempt in range(1, 4):  # a build refuses on a busy machine (its job): wait, and try again
-                t = time.perf_counter()
-                try:
-                    p = load_predictor(space, runtime=runtime, root=WORK / "latency", rebuild=True)
-                    break
-                except nas.SpecError as e:
-                    print(f"attempt {attempt}: {e}", flush=True)
-                    refusals.append(f"{space_name} {runtime}: {e}")
-                    time.sleep(60)
-            else:
+            label = f"{space_name} {runtime}"
+            built = retrying(lambda s=space, r=runtime: load_predictor(s, runtime=r, root=WORK / "latency",
+                                                                       rebuild=True), label, refusals)
+            if built is None:
                 continue
-            build_s = time.perf_counter() - t
+            p, build_s = built
             drift = calibrate(p)
             t = time.perf_counter()
             v = validate(p.with_drift(drift.factor), space, n=100, rounds=VALIDATE_ROUNDS)

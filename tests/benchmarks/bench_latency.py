@@ -14,6 +14,9 @@ Parts:
   bursts   40 random mobilenetv3_small networks and the reference timed in 8 rounds while another process runs
            on one core in random 0.5-4 s bursts: how far the first 4 rounds agree with the last 4, relative to the
            reference, from the same visits raw and with the machine's speed divided out (nas.latency.common_mode)
+  repeat   the mobilenetv3_compact table built twice (seeds 0 and 1) with each of a few (rounds, repeats): how far
+           the two builds' entries and predictions of 100 random networks agree, and how long a build takes (the
+           table's own noise, which no fit removes, against the cost of removing it)
   sustained  one network (mobilenetv3_small's reference, torch, 2 threads) timed without pause for 2 minutes after
            30 s of rest, then for 20 s after another 30 s of rest: does this machine's speed depend on how long
            it has been busy? (what a short drift calibration and a long measurement each see)
@@ -34,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import write_section
+from _report import retrying, write_section
 
 from nas.latency import calibrate, load_predictor, validate
 from nas.space import load_space
@@ -47,8 +50,9 @@ WAIT_S = 30 * 60
 # Rounds of the independent measurement: its own noise attenuates the tau it reports, so it must sit well above the 0.9
 # it judges. With 4 rounds the floor (half its rounds against the other half) on mobilenetv3_compact was 0.65-0.84;
 # with 8, 0.857-0.909 across spaces and runs 30 minutes after a build: still below 0.9. 16 (about 4 minutes for
-# mobilenetv3_small) makes each half as precise as the whole measurement was with 8.
-VALIDATE_ROUNDS = 16
+# mobilenetv3_small) makes each half as precise as the whole measurement was with 8; its floors 30 minutes after a build
+# were 0.882 and 0.903 (results/BENCHMARKS.md, 2026-11-29). 32 halves the measurement's own error variance again.
+VALIDATE_ROUNDS = 32
 
 
 def build(spaces: list[str]) -> None:
@@ -250,7 +254,47 @@ def sustained() -> None:
         "|---|---|---|---|---|\n" + "\n".join(rows))
 
 
+REPEAT_SETTINGS = ((3, 7), (3, 21), (6, 7))  # (rounds, repeats): the old default, 3x the runs a visit, 2x the visits
+
+
+def repeat() -> None:
+    import numpy as np
+    from scipy.stats import kendalltau
+
+    from nas.latency import profile
+
+    space = load_space("mobilenetv3_compact")
+    rng = random.Random(1)
+    nets = [space.sample(rng) for _ in range(100)]
+    rows, refusals = [], []
+    for rounds, repeats in REPEAT_SETTINGS:
+        builds = [retrying(lambda r=rounds, n=repeats, s=seed: profile(space, rounds=r, repeats=n, seed=s,
+                                                                       progress=False),
+                           f"{rounds} x {repeats}, seed {seed}", refusals) for seed in (0, 1)]
+        if None in builds:
+            continue
+        (a, seconds), (b, _) = builds
+        ratio = np.log([a.table[layer] / b.table[layer] for layer in a.table])
+        ratio = np.abs(ratio - np.median(ratio))  # the machine's speed between the builds is the fit's to absorb
+        pa, pb = np.array([a.predict(s) for s in nets]), np.array([b.predict(s) for s in nets])
+        gap = np.log(pa / pb)
+        own = np.std(gap - np.median(gap)) / np.sqrt(2)
+        rows.append(f"| {rounds} x {repeats} | {seconds:.0f} s | {np.median(ratio):.1%} | "
+                    f"{np.percentile(ratio, 90):.1%} | {own:.1%} | {kendalltau(pa, pb).statistic:.3f} |")
+        print(rows[-1], flush=True)
+    write_section(
+        "latency-repeat", "How far do two builds of one latency table agree?",
+        "`python tests/benchmarks/bench_latency.py repeat`: the mobilenetv3_compact table (torch, 2 threads, batch 1) "
+        "built twice, fit seeds 0 and 1, one after the other, for each number of interleaved rounds x timed runs per "
+        "visit. Entries: |log(entry of build 1 / entry of build 2)| over all layers, less its median (the machine's "
+        "speed between the builds, which each build's fit absorbs). Predictions: 100 random networks predicted by both "
+        "tables; one table's own error is the spread of log(prediction 1 / prediction 2) over sqrt(2). Load average "
+        f"at the end {os.getloadavg()[0]:.2f}.\n\n| rounds x runs | build | entries apart, median | 90th percentile "
+        "| one table's prediction error (std) | Kendall tau between the two tables |\n|---|---|---|---|---|---|\n"
+        + "\n".join(rows) + "".join(f"\n\nRefused and retried a minute later: {r}" for r in refusals))
+
+
 if __name__ == "__main__":
     part, *names = sys.argv[1:] or ["build"]
     {"build": lambda: build(names or SPACES), "later": lambda: later(names or SPACES), "loaded": loaded,
-     "bursts": bursts, "sustained": sustained}[part]()
+     "bursts": bursts, "sustained": sustained, "repeat": repeat}[part]()
