@@ -324,6 +324,16 @@ def test_a_steadily_loaded_machine_is_refused_in_a_second(monkeypatch: pytest.Mo
     assert busy_share(0.2) is None or 0 <= busy_share(0.2) <= 1
 
 
+def test_a_layer_is_judged_on_its_middle_rounds() -> None:
+    from nas.latency._predictor import _disagreement, _middle
+    rounds = [[float(m)] * 3 for m in (5, 1, 8, 3, 2, 7, 4, 6)]
+    assert [r[0] for r in _middle(rounds)] == [3, 4, 5, 6]  # a quarter off each end: the spread does not grow with n
+    assert [r[0] for r in _middle(rounds[:5])] == [2, 3, 5]  # the probe's five: one off each end
+    assert _middle(rounds[:3]) == rounds[:3]
+    assert _disagreement(_middle(rounds), floor_ms=0.0) == pytest.approx(3 / 4.5)
+    assert _disagreement(_middle(rounds), floor_ms=4.0) == 0.0  # a gap under the floor is no disagreement
+
+
 def test_layers_that_keep_disagreeing_refuse_the_table(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import nas.latency._predictor as predictor_module
     monkeypatch.setenv("NAS_LATENCY_CHECKS", "refuse")

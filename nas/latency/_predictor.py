@@ -280,8 +280,10 @@ def _disagreement(rounds: list[list[float]], floor_ms: float) -> float:
 
 
 def _middle(rounds: list[list[float]]) -> list[list[float]]:
-    """The rounds without the fastest and the slowest (by median): one burst of noise cannot decide."""
-    return sorted(rounds, key=statistics.median)[1:-1] if len(rounds) > 3 else rounds
+    """The rounds without the fastest and the slowest quarter (at least one each, by median; all of three or fewer):
+    a burst of noise cannot decide, and the spread of what is left does not grow with the number of rounds."""
+    cut = max(1, len(rounds) // 4)
+    return sorted(rounds, key=statistics.median)[cut:-cut] if len(rounds) > 3 else rounds
 
 
 CHECKS_ENV = "NAS_LATENCY_CHECKS"  # "refuse" (default) or "warn"
@@ -362,8 +364,9 @@ def profile(space: SearchSpace, *, device: str = "cpu", threads: int | None = No
                             seed=seed, progress=bar)
             sweeps.run(rounds)
             times = sweeps.corrected()
-            # Layers whose rounds disagree met a burst of noise: measure them again, then judge the middle rounds.
-            again = [i for i, t in enumerate(times[:len(layers)]) if _disagreement(t, LAYER_FLOOR_MS) > LAYER_SPREAD]
+            # Layers whose middle rounds disagree met a burst of noise: measure them again, then judge again.
+            again = [i for i, t in enumerate(times[:len(layers)])
+                     if _disagreement(_middle(t), LAYER_FLOOR_MS) > LAYER_SPREAD]
             if again:
                 bar.total += EXTRA_ROUNDS * len(again)
                 sweeps.run(EXTRA_ROUNDS, again)
