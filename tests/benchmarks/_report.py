@@ -56,6 +56,11 @@ def retrying(build: Callable[[], T], label: str, refusals: list[str], attempts: 
     return None
 
 
+def refused(refusals: list[str]) -> str:
+    """The refusals :func:`retrying` met, as paragraphs for a BENCHMARKS section."""
+    return "".join(f"\n\nRefused and retried a minute later: {r}" for r in refusals)
+
+
 def machine() -> str:
     cpu = Fingerprint.current().processor  # the name the latency tables are keyed on
     return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "

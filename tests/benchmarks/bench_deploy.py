@@ -40,7 +40,7 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import cifar_images, retrying, write_section
+from _report import cifar_images, refused, retrying, write_section
 from bench_latency import VALIDATE_ROUNDS
 from bench_verify import SIZES
 
@@ -282,7 +282,7 @@ def _predictor_section(key: str, title: str, text: str, spaces: tuple[str, ...],
     write_section(key, title, text + "\n\n| space | runtime | build | fit | drift | within +-10% relative to "
                   "reference | within +-10% absolute | Kendall tau | validation wall |\n"
                   "|---|---|---|---|---|---|---|---|---|\n" +
-                  "\n".join(rows) + "".join(f"\n\nRefused and retried a minute later: {r}" for r in refusals))
+                  "\n".join(rows) + refused(refusals))
 
 
 def predictor() -> None:

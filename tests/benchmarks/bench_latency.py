@@ -37,7 +37,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import retrying, write_section
+from _report import refused, retrying, write_section
 
 from nas.latency import calibrate, load_predictor, validate
 from nas.space import load_space
@@ -291,7 +291,7 @@ def repeat() -> None:
         "tables; one table's own error is the spread of log(prediction 1 / prediction 2) over sqrt(2). Load average "
         f"at the end {os.getloadavg()[0]:.2f}.\n\n| rounds x runs | build | entries apart, median | 90th percentile "
         "| one table's prediction error (std) | Kendall tau between the two tables |\n|---|---|---|---|---|---|\n"
-        + "\n".join(rows) + "".join(f"\n\nRefused and retried a minute later: {r}" for r in refusals))
+        + "\n".join(rows) + refused(refusals))
 
 
 if __name__ == "__main__":
