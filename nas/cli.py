@@ -233,7 +233,8 @@ def _run_latency(args: argparse.Namespace) -> int:
         print(f"correction: {predictor.formula()}")
         ref = space.reference_member()
         if ref is not None:
-            print(f"reference {space.reference}: {predictor.predict(ref):.3f} ms predicted")
+            print(f"reference {space.reference}: {predictor.predict(ref):.3f} ms measured in the fit (the model: "
+                  f"{predictor.modelled(ref):.3f} ms)")
         for name, spec in (("largest", space.largest()), ("smallest", space.smallest())):
             print(f"{name}: {predictor.predict(spec):.3f} ms predicted")
         return 0

@@ -7,7 +7,18 @@ from pathlib import Path
 import pytest
 
 import nas
-from nas.latency import Fingerprint, Predictor, layers_of, load_predictor, load_table, measure, space_layers, table_path
+from nas.latency import (
+    Fingerprint,
+    Predictor,
+    layers_of,
+    load_predictor,
+    load_table,
+    measure,
+    profile,
+    space_layers,
+    table_path,
+)
+from nas.latency._predictor import TABLE_VERSION
 from nas.space import load_space
 
 TINY = Path(__file__).parent / "tiny_space.yaml"
@@ -93,10 +104,11 @@ def test_a_foreign_table_is_refused_unless_forced(tiny_predictor: Predictor, tmp
     foreign.write_text("{ not json")
     with pytest.raises(nas.SpecError, match="not a readable latency table"):
         load_predictor(space, table=foreign)
-    del data["per_mparam"]  # a table of the version before the weights term
-    data["version"] = 3
+    del data["reference_ms"]  # a table of the version before the reference's own measurement
+    data["version"] = 4
     foreign.write_text(json.dumps(data))
-    with pytest.raises(nas.SpecError, match=r"foreign\.json: latency table version 3, this nas reads 4$"):
+    version = rf"foreign\.json: latency table version 4, this nas reads {TABLE_VERSION}$"
+    with pytest.raises(nas.SpecError, match=version):
         load_predictor(space, table=foreign, force=True)
 
 
@@ -143,6 +155,25 @@ def test_the_extra_terms_are_stored_with_the_table(tiny_predictor: Predictor, tm
     assert again.formula() == saved.formula() and "-12.3 us x layers +0.046 ms x M params" in again.formula()
     spec = tiny_predictor.space.largest()
     assert again.predict(spec) == saved.predict(spec)
+
+
+def test_the_reference_is_predicted_by_its_own_measurement_in_the_fit(tmp_path: Path) -> None:
+    # A tiny space whose reference is a member: the build measures it whole in the fit's rounds and keeps that.
+    nas.save_spec(load_space(TINY).sample(random.Random(3)), tmp_path / "ref.yaml")
+    yaml_text = TINY.read_text() + f"reference: {tmp_path / 'ref.yaml'}\n"
+    (tmp_path / "tiny.yaml").write_text(yaml_text)
+    space = load_space(tmp_path / "tiny.yaml")
+    ref = space.reference_member()
+    built = profile(space, rounds=2, fit_networks=8, progress=False)
+    assert built.reference_ms is not None and built.predict(ref) == built.reference_ms
+    assert built.predict(space.largest()) == built.modelled(space.largest())  # every other member: the model
+    assert built.with_drift(2.0).predict(ref) == 2.0 * built.reference_ms
+    again = load_table(built.save(tmp_path / "t.json").path, space, built.fingerprint)
+    assert again.predict(ref) == built.reference_ms and again.modelled(ref) == built.modelled(ref)
+    with pytest.raises(nas.SpecError, match=r"reference_ms: -1\.0 is not a finite, positive time"):
+        dataclasses.replace(built, reference_ms=-1.0)
+    unanchored = dataclasses.replace(built, reference_ms=None)  # a space without a reference has none
+    assert unanchored.predict(ref) == built.modelled(ref)
 
 
 def test_predicting_a_non_member_names_the_missing_layer(tiny_predictor: Predictor) -> None:

@@ -37,6 +37,7 @@ class Validation:
     relative_within_10: float | None = None
     relative_mape: float | None = None
     relative_noise_within_10: float | None = None  # the same ratio from the two halves of the rounds
+    relative_errors: tuple[float, ...] = ()  # each network's relative error, in sample order
     drift: float = 1.0  # the predictor's drift factor (nas.latency.calibrate) when validated
 
     def to_json(self) -> dict[str, Any]:
@@ -115,7 +116,8 @@ def validate(predictor: Predictor, space: SearchSpace, *, n: int = 100, seed: in
         rel_noise = [(a / first_all[0]) / (b / second_all[0]) - 1 for a, b in zip(first, second, strict=True)]
         relative = {"relative_within_10": sum(abs(e) <= 0.10 for e in rel_err) / n,
                     "relative_mape": statistics.fmean(abs(e) for e in rel_err),
-                    "relative_noise_within_10": sum(abs(e) <= 0.10 for e in rel_noise) / n}
+                    "relative_noise_within_10": sum(abs(e) <= 0.10 for e in rel_noise) / n,
+                    "relative_errors": tuple(rel_err)}
     return Validation(
         space=space.name, fingerprint=dataclasses.asdict(fp), n=n,
         mape=statistics.fmean(abs(e) for e in errors),

@@ -14,7 +14,7 @@ from typing import TypeVar
 
 import torch
 
-from nas.latency import Fingerprint
+from nas.latency import Fingerprint, Predictor, Validation
 
 T = TypeVar("T")
 BENCHMARKS = Path(__file__).resolve().parents[2] / "results" / "BENCHMARKS.md"
@@ -59,6 +59,17 @@ def retrying(build: Callable[[], T], label: str, refusals: list[str], attempts: 
 def refused(refusals: list[str]) -> str:
     """The refusals :func:`retrying` met, as paragraphs for a BENCHMARKS section."""
     return "".join(f"\n\nRefused and retried a minute later: {r}" for r in refusals)
+
+
+def reference_modelled(predictor: Predictor, validation: Validation) -> tuple[float, float]:
+    """The fitted model's error on the space's reference, against the reference's own measurement that the table
+    keeps and predicts it by; and the share of ``validation``'s networks within +-10% relative to the reference had it
+    been predicted by the model instead, from the same measurement (every relative error moves by the same factor)."""
+    base = predictor.with_drift(1.0)
+    reference = predictor.space.reference_member()
+    anchored, modelled = base.predict(reference), base.modelled(reference)
+    moved = [(1 + e) * anchored / modelled - 1 for e in validation.relative_errors]
+    return modelled / anchored - 1, sum(abs(e) <= 0.10 for e in moved) / len(moved)
 
 
 def machine() -> str:
