@@ -18,6 +18,7 @@ from nas.latency import (
     space_layers,
     table_path,
 )
+from nas.latency._measure import REFERENCE_COPIES
 from nas.latency._predictor import TABLE_VERSION
 from nas.space import load_space
 
@@ -157,14 +158,20 @@ def test_the_extra_terms_are_stored_with_the_table(tiny_predictor: Predictor, tm
     assert again.predict(spec) == saved.predict(spec)
 
 
-def test_the_reference_is_predicted_by_its_own_measurement_in_the_fit(tmp_path: Path) -> None:
+def test_the_reference_is_predicted_by_its_own_measurement_in_the_fit(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import nas.latency._predictor as p
     # A tiny space whose reference is a member: the build measures it whole in the fit's rounds and keeps that.
     nas.save_spec(load_space(TINY).sample(random.Random(3)), tmp_path / "ref.yaml")
     yaml_text = TINY.read_text() + f"reference: {tmp_path / 'ref.yaml'}\n"
     (tmp_path / "tiny.yaml").write_text(yaml_text)
     space = load_space(tmp_path / "tiny.yaml")
     ref = space.reference_member()
+    timed: list = []
+    compiler = p.network_compiler
+    monkeypatch.setattr(p, "network_compiler", lambda specs, *a, **k: timed.append(specs) or compiler(specs, *a, **k))
     built = profile(space, rounds=2, fit_networks=8, progress=False)
+    assert timed[0].count(ref) == REFERENCE_COPIES and len(timed[0]) == 8 + REFERENCE_COPIES - 1  # visits a round
     assert built.reference_ms is not None and built.predict(ref) == built.reference_ms
     assert built.predict(space.largest()) == built.modelled(space.largest())  # every other member: the model
     assert built.with_drift(2.0).predict(ref) == 2.0 * built.reference_ms

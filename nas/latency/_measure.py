@@ -241,6 +241,15 @@ def visits(compile: Callable[[int], Compiled], runtime: str, n: int, progress: t
     return lambda i: ready[i].runner()
 
 
+REFERENCE_COPIES = 8  # visits per round of a network that every relative figure divides by (the space's reference)
+
+
+def pooled(copies: list[list[list[float]]]) -> list[list[float]]:
+    """Several calls of one network (its copies, visited at places spread by the shuffle) as one call's rounds,
+    round by round, so that one unlucky visit cannot decide its time."""
+    return [[t for copy in copies for t in copy[r]] for r in range(len(copies[0]))]
+
+
 def median_of_rounds(rounds: list[list[float]]) -> float:
     """The median over every sample of ``time_interleaved``'s rounds for one call."""
     return statistics.median(t for r in rounds for t in r)

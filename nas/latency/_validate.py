@@ -13,7 +13,7 @@ from scipy.stats import kendalltau
 from tqdm import tqdm
 
 from nas._schema import SpecError, write_json_atomic
-from nas.latency._measure import median_of_rounds, time_networks
+from nas.latency._measure import REFERENCE_COPIES, median_of_rounds, pooled, time_networks
 from nas.latency._predictor import Predictor, table_path
 from nas.space import SearchSpace
 from nas.spec import NetworkSpec
@@ -71,9 +71,6 @@ class Validation:
         return "\n".join(lines)
 
 
-REFERENCE_COPIES = 8  # times the reference is visited per round (see validate)
-
-
 def validate(predictor: Predictor, space: SearchSpace, *, n: int = 100, seed: int = 1, worst: int = 5,
              rounds: int = 4, reference_copies: int = REFERENCE_COPIES, progress: bool = True) -> Validation:
     """Sample ``n`` members, predict them, and time ``nas.build_model`` of each for real (never the supernet)
@@ -98,7 +95,7 @@ def validate(predictor: Predictor, space: SearchSpace, *, n: int = 100, seed: in
     with tqdm(total=rounds * len(timed), desc="measuring", unit="net", disable=not progress, dynamic_ncols=True) as bar:
         times = time_networks(timed, **fp.timing, rounds=rounds, warmup=3, repeats=10, seed=seed, progress=bar)
     if copies:  # one call per network from here: the reference's copies pooled, round by round
-        times = [[[t for copy in times[:copies] for t in copy[r]] for r in range(rounds)], *times[copies:]]
+        times = [pooled(times[:copies]), *times[copies:]]
     k = 1 if copies else 0  # the reference comes first
     networks = [reference, *specs] if copies else specs
     half = rounds // 2
