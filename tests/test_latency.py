@@ -105,7 +105,7 @@ def test_a_foreign_table_is_refused_unless_forced(tiny_predictor: Predictor, tmp
     foreign.write_text("{ not json")
     with pytest.raises(nas.SpecError, match="not a readable latency table"):
         load_predictor(space, table=foreign)
-    del data["reference_ms"]  # a table of the version before the reference's own measurement
+    del data["reference_ms"], data["reference_spec"]  # a table of the version before the reference's measurement
     data["version"] = 4
     foreign.write_text(json.dumps(data))
     version = rf"foreign\.json: latency table version 4, this nas reads {TABLE_VERSION}$"
@@ -179,8 +179,13 @@ def test_the_reference_is_predicted_by_its_own_measurement_in_the_fit(tmp_path: 
     assert again.predict(ref) == built.reference_ms and again.modelled(ref) == built.modelled(ref)
     with pytest.raises(nas.SpecError, match=r"reference_ms: -1\.0 is not a finite, positive time"):
         dataclasses.replace(built, reference_ms=-1.0)
-    unanchored = dataclasses.replace(built, reference_ms=None)  # a space without a reference has none
+    with pytest.raises(nas.SpecError, match=r"reference_ms: comes with the network it measured"):
+        dataclasses.replace(built, reference_spec=None)
+    unanchored = dataclasses.replace(built, reference_ms=None, reference_spec=None)  # a space without a reference
     assert unanchored.predict(ref) == built.modelled(ref)
+    # A table kept after the space's reference changed (its layers did not): the new reference is modelled.
+    other = dataclasses.replace(built, reference_spec=space.largest())
+    assert other.predict(ref) == built.modelled(ref) and other.predict(space.largest()) == built.reference_ms
 
 
 def test_predicting_a_non_member_names_the_missing_layer(tiny_predictor: Predictor) -> None:

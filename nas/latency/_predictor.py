@@ -54,6 +54,8 @@ from nas.spec import (
     StemSpec,
     conv_out,
     network_parts,
+    spec_from_dict,
+    spec_to_dict,
 )
 
 TABLE_VERSION = 5  # 2: interleaved rounds, a fixed malloc; 3: the per-layer term; 4: the weights term; 5: the
@@ -210,22 +212,25 @@ class Predictor:
     per_layer: float = 0.0  # ms per layer (fitted outside torch where it earns its place; see fit_correction)
     per_mparam: float = 0.0  # ms per million parameters (fitted where it earns its place; see fit_correction)
     params: Mapping[Layer, int] = dataclasses.field(default_factory=dict)  # each layer's parameters (with per_mparam)
-    # The space's reference member measured whole in the fit's rounds (ms), which predict() returns for it: it anchors
-    # the default limit, "no slower than the reference", and divides every relative figure, so the fit's error on
-    # this one network must not move them all (mobilenetv3_compact in onnxruntime: 100 networks measured apart all
-    # within +-10% absolute, yet 84-86% relative to the reference's prediction).
+    # The space's reference member (reference_spec) measured whole in the fit's rounds (ms), which predict() returns
+    # for it: it anchors the default limit, "no slower than the reference", and divides every relative figure, so the
+    # fit's error on this one network must not move them all (mobilenetv3_compact in onnxruntime: the model 5.3% off
+    # the reference; 85% of 100 networks within +-10% relative to its prediction, 99% to this measurement;
+    # tests/benchmarks/bench_deploy.py predictor). The spec is kept, not looked up: a space's reference can change
+    # without changing its layers, so its table.
     reference_ms: float | None = None
+    reference_spec: NetworkSpec | None = None
     drift: float = 1.0  # this machine's speed now against the table's (nas.latency.calibrate); not stored
-    _reference: NetworkSpec | None = dataclasses.field(init=False, repr=False, compare=False)
     _entries: dict[Layer, tuple[float, int]] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for name in ("scale", "offset", "drift", "per_layer", "per_mparam"):
             if not math.isfinite(getattr(self, name)):
                 raise SpecError(name, f"{getattr(self, name)} is not a finite number")
+        if (self.reference_ms is None) != (self.reference_spec is None):
+            raise SpecError("reference_ms", "comes with the network it measured (reference_spec), and only with it")
         if self.reference_ms is not None and not (math.isfinite(self.reference_ms) and self.reference_ms > 0):
             raise SpecError("reference_ms", f"{self.reference_ms} is not a finite, positive time")
-        object.__setattr__(self, "_reference", None if self.reference_ms is None else self.space.reference_member())
         for layer, ms in self.table.items():
             if not (math.isfinite(ms) and ms > 0):
                 raise SpecError("layers", f"{ms} ms for {type(layer.op).__name__} at {layer.size}x{layer.size}: "
@@ -260,7 +265,7 @@ class Predictor:
     def predict(self, spec: NetworkSpec) -> float:
         """Predicted latency of ``nas.build_model(spec)`` in milliseconds (rescaled by ``drift``); for the space's
         reference member, its own measurement (``reference_ms``) where the table has one."""
-        if self._reference is not None and spec == self._reference:
+        if self.reference_ms is not None and spec == self.reference_spec:
             return self.drift * self.reference_ms
         return self.drift * self.modelled(spec)
 
@@ -280,6 +285,7 @@ class Predictor:
         data = {"version": TABLE_VERSION, "space": self.space.name, "space_digest": space_digest(self.space),
                 "fingerprint": dataclasses.asdict(self.fingerprint), "scale": self.scale, "offset": self.offset,
                 "per_layer": self.per_layer, "per_mparam": self.per_mparam, "reference_ms": self.reference_ms,
+                "reference_spec": None if self.reference_spec is None else spec_to_dict(self.reference_spec),
                 "layers": [{**layer.to_json(), "ms": ms, "params": self.params.get(layer, 0)}
                            for layer, ms in self.table.items()]}
         write_json_atomic(data, path, indent=1)
@@ -415,7 +421,7 @@ def profile(space: SearchSpace, *, device: str = "cpu", threads: int | None = No
     check_fit(space, scale, offset, sums, measured, reference_index=2 if len(anchors) == 3 else None,
               per_layer=per_layer, counts=counts, per_mparam=per_mparam, mparams=mparams)
     return Predictor(space, fp, table, scale, offset, per_layer=per_layer, per_mparam=per_mparam, params=params,
-                     reference_ms=float(measured[2]) if reference is not None else None)
+                     reference_ms=float(measured[2]) if reference is not None else None, reference_spec=reference)
 
 
 def fit_correction(sums: np.ndarray, counts: np.ndarray, mparams: np.ndarray, measured: np.ndarray, *,
@@ -517,6 +523,7 @@ def load_table(path: Path, space: SearchSpace, expected: Fingerprint | None, *, 
         scale, offset, per_layer = float(data["scale"]), float(data["offset"]), float(data["per_layer"])
         per_mparam = float(data["per_mparam"])
         reference_ms = None if data["reference_ms"] is None else float(data["reference_ms"])
+        reference_data = data["reference_spec"]
         name, digest = data["space"], data["space_digest"]
     except FileNotFoundError:
         raise SpecError("", "no such latency table", source=str(path)) from None
@@ -525,8 +532,9 @@ def load_table(path: Path, space: SearchSpace, expected: Fingerprint | None, *, 
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise SpecError("", f"not a readable latency table ({type(e).__name__}: {e})", source=str(path)) from None
     try:
+        reference_spec = None if reference_data is None else spec_from_dict(reference_data)
         predictor = Predictor(space, fp, table, scale, offset, path, per_layer=per_layer, per_mparam=per_mparam,
-                              params=params, reference_ms=reference_ms)
+                              params=params, reference_ms=reference_ms, reference_spec=reference_spec)
     except SpecError as e:
         raise e.in_file(path) from None
     if not force:
