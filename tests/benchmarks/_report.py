@@ -65,9 +65,7 @@ def reference_modelled(predictor: Predictor, validation: Validation) -> tuple[fl
     """The fitted model's error on the space's reference, against the reference's own measurement that the table
     keeps and predicts it by; and the share of ``validation``'s networks within +-10% relative to the reference had it
     been predicted by the model instead, from the same measurement (every relative error moves by the same factor)."""
-    base = predictor.with_drift(1.0)
-    reference = predictor.space.reference_member()
-    anchored, modelled = base.predict(reference), base.modelled(reference)
+    anchored, modelled = predictor.reference_ms, predictor.modelled(predictor.reference_spec)  # both at table speed
     moved = [(1 + e) * anchored / modelled - 1 for e in validation.relative_errors]
     return modelled / anchored - 1, sum(abs(e) <= 0.10 for e in moved) / len(moved)
 
