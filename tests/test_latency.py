@@ -338,7 +338,8 @@ def test_implausible_fits_are_refused_with_their_cause(scale: float, offset: flo
                   counts=counts)
 
 
-def test_a_busy_machine_is_refused_within_seconds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_a_busy_machine_is_refused_within_seconds(monkeypatch: pytest.MonkeyPatch, tmp_path: Path,
+                                                 capsys: pytest.CaptureFixture[str]) -> None:
     import time
     monkeypatch.setenv("NAS_LATENCY_CHECKS", "refuse")
     import nas.latency._predictor as predictor_module
@@ -350,19 +351,40 @@ def test_a_busy_machine_is_refused_within_seconds(monkeypatch: pytest.MonkeyPatc
 
     monkeypatch.setattr(predictor_module, "time_networks", erratic)
     monkeypatch.setattr(predictor_module, "busy_share", lambda: 0.0)  # the probe must refuse, however busy this is
+    waits: list[float] = []
+    monkeypatch.setattr(predictor_module.time, "sleep", waits.append)
     start = time.perf_counter()
     with pytest.raises(nas.SpecError, match=r"refused: the same network's timings varied by 100% across 5 rounds"):
         load_predictor(load_space(TINY), root=tmp_path, progress=False)
-    assert time.perf_counter() - start < 30 and calls == [2]  # the probe only: no layer was measured
+    # the probe only, twice, BUSY_WAIT_S apart: no layer was measured
+    assert time.perf_counter() - start < 30 and calls == [2, 2] and waits == [predictor_module.BUSY_WAIT_S]
     assert not list(tmp_path.glob("*.json"))  # nothing written
+    assert "the machine is busy: the same network's timings varied by 100%" in capsys.readouterr().err
+
+    # A burst that is over by the second probe goes on to the layers (which a stand-in Sweeps then refuses).
+    monkeypatch.setattr(predictor_module, "time_networks",
+                        lambda specs, *, rounds, **kw: erratic(specs, rounds=rounds) if len(calls) < 3 else
+                        [[[1.0] * 5] * rounds for _ in specs])
+
+    class Refusing:
+        def __init__(self, *args: object, **kw: object) -> None:
+            raise nas.SpecError("", "the layers were reached")
+
+    monkeypatch.setattr(predictor_module, "Sweeps", Refusing)
+    with pytest.raises(nas.SpecError, match="the layers were reached"):
+        load_predictor(load_space(TINY), root=tmp_path, progress=False)
+    assert calls == [2, 2, 2]
 
 
 def test_a_steadily_loaded_machine_is_refused_in_a_second(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     import nas.latency._predictor as predictor_module
     monkeypatch.setenv("NAS_LATENCY_CHECKS", "refuse")
     monkeypatch.setattr(predictor_module, "busy_share", lambda: 0.93)  # two other processes on two cores
+    waits: list[float] = []
+    monkeypatch.setattr(predictor_module.time, "sleep", waits.append)
     with pytest.raises(nas.SpecError, match=r"refused: other programs are using 93% of this machine's CPU time"):
         load_predictor(load_space(TINY), root=tmp_path, progress=False)
+    assert waits == [predictor_module.BUSY_WAIT_S]  # checked twice
     from nas.latency._measure import busy_share
     assert busy_share(0.2) is None or 0 <= busy_share(0.2) <= 1
 
