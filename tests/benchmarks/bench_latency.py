@@ -259,7 +259,8 @@ def sustained() -> None:
         "|---|---|---|---|---|\n" + "\n".join(rows))
 
 
-REPEAT_SETTINGS = ((3, 7), (3, 21), (6, 7))  # (rounds, repeats): the old default, 3x the runs a visit, 2x the visits
+# (rounds, timed runs, warm-up runs) a visit: the default until 2026-11-29, then more visits of fewer runs
+REPEAT_SETTINGS = ((6, 7, 2), (12, 3, 2), (12, 3, 1), (16, 2, 1))
 
 
 def repeat() -> None:
@@ -272,10 +273,10 @@ def repeat() -> None:
     rng = random.Random(1)
     nets = [space.sample(rng) for _ in range(100)]
     rows, refusals = [], []
-    for rounds, repeats in REPEAT_SETTINGS:
-        builds = [retrying(lambda r=rounds, n=repeats, s=seed: profile(space, rounds=r, repeats=n, seed=s,
-                                                                       progress=False),
-                           f"{rounds} x {repeats}, seed {seed}", refusals) for seed in (0, 1)]
+    for rounds, repeats, warmup in REPEAT_SETTINGS:
+        builds = [retrying(lambda r=rounds, n=repeats, w=warmup, s=seed: profile(space, rounds=r, repeats=n, warmup=w,
+                                                                                 seed=s, progress=False),
+                           f"{rounds} x {repeats} (+{warmup}), seed {seed}", refusals) for seed in (0, 1)]
         if None in builds:
             continue
         (a, seconds), (b, _) = builds
@@ -284,18 +285,19 @@ def repeat() -> None:
         pa, pb = np.array([a.predict(s) for s in nets]), np.array([b.predict(s) for s in nets])
         gap = np.log(pa / pb)
         own = np.std(gap - np.median(gap)) / np.sqrt(2)
-        rows.append(f"| {rounds} x {repeats} | {seconds:.0f} s | {np.median(ratio):.1%} | "
+        rows.append(f"| {rounds} x {repeats} (+{warmup}) | {seconds:.0f} s | {np.median(ratio):.1%} | "
                     f"{np.percentile(ratio, 90):.1%} | {own:.1%} | {kendalltau(pa, pb).statistic:.3f} |")
         print(rows[-1], flush=True)
     write_section(
         "latency-repeat", "How far do two builds of one latency table agree?",
         "`python tests/benchmarks/bench_latency.py repeat`: the mobilenetv3_compact table (torch, 2 threads, batch 1) "
         "built twice, fit seeds 0 and 1, one after the other, for each number of interleaved rounds x timed runs per "
-        "visit. Entries: |log(entry of build 1 / entry of build 2)| over all layers, less its median (the machine's "
-        "speed between the builds, which each build's fit absorbs). Predictions: 100 random networks predicted by both "
-        "tables; one table's own error is the spread of log(prediction 1 / prediction 2) over sqrt(2). Load average "
-        f"at the end {os.getloadavg()[0]:.2f}.\n\n| rounds x runs | build | entries apart, median | 90th percentile "
-        "| one table's prediction error (std) | Kendall tau between the two tables |\n|---|---|---|---|---|---|\n"
+        "visit (+ untimed warm-up runs). Entries: |log(entry of build 1 / entry of build 2)| over all layers, less its "
+        "median (the machine's speed between the builds, which each build's fit absorbs). Predictions: 100 random "
+        "networks predicted by both tables; one table's own error is the spread of log(prediction 1 / prediction 2) "
+        f"over sqrt(2). Load average at the end {os.getloadavg()[0]:.2f}.\n\n| rounds x runs (+ warm-up) | build | "
+        "entries apart, median | 90th percentile | one table's prediction error (std) | Kendall tau between the two "
+        "tables |\n|---|---|---|---|---|---|\n"
         + "\n".join(rows) + refused(refusals))
 
 
