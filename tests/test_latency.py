@@ -177,6 +177,7 @@ def test_the_reference_is_predicted_by_its_own_measurement_in_the_fit(tmp_path: 
     assert built.with_drift(2.0).predict(ref) == 2.0 * built.reference_ms
     again = load_table(built.save(tmp_path / "t.json").path, space, built.fingerprint)
     assert again.predict(ref) == built.reference_ms and again.modelled(ref) == built.modelled(ref)
+    assert built.fresh and built.save(tmp_path / "t.json").fresh and not again.fresh  # built here; loaded
     with pytest.raises(nas.SpecError, match=r"reference_ms: -1\.0 is not a finite, positive time"):
         dataclasses.replace(built, reference_ms=-1.0)
     with pytest.raises(nas.SpecError, match=r"reference_ms: comes with the network it measured"):
@@ -438,6 +439,8 @@ def test_drift_calibration_rescales_and_refuses_beyond_its_band(monkeypatch: pyt
     assert DRIFT_BAND[0] / 1.5 < calibrate(tuned, refuse=False).factor < DRIFT_BAND[1] * 1.5
     with pytest.raises(nas.SpecError, match=r"this machine now runs x0\.\d+ against the table .*--rebuild"):
         calibrate(dataclasses.replace(flat, scale=raw.factor * 5))  # a table 5x too slow for this machine
+    # A table this process built moments ago is rescaled, never refused: rebuilding is what just happened.
+    assert calibrate(dataclasses.replace(flat, scale=raw.factor * 5, fresh=True)).factor < DRIFT_BAND[0]
 
 
 def test_validation_reports_error_relative_to_the_reference() -> None:

@@ -32,7 +32,8 @@ class Drift:
 def calibrate(predictor: Predictor, *, rounds: int = 3, seed: int = 0, refuse: bool = True) -> Drift:
     """Measure the space's reference member, its largest and smallest, and two fixed random members with the
     table's device, threads and batch size (a second or two), and compare with the table's predictions.
-    Refuses (a SpecError saying to rebuild) when the factor is outside ``DRIFT_BAND``, unless not ``refuse``."""
+    Refuses (a SpecError saying to rebuild) when the factor is outside ``DRIFT_BAND``, unless not ``refuse`` or the
+    table was built by this process (``predictor.fresh``): rebuilding is what just happened."""
     space, fp = predictor.space, predictor.fingerprint
     reference = space.reference_member()
     rng = random.Random(seed)
@@ -45,7 +46,7 @@ def calibrate(predictor: Predictor, *, rounds: int = 3, seed: int = 0, refuse: b
     rows = tuple((name, base.predict(spec), median_of_rounds(t))
                  for (name, spec), t in zip(members.items(), times, strict=True))
     drift = Drift(statistics.median(m / p for _, p, m in rows), rows, time.perf_counter() - start)
-    if refuse and not DRIFT_BAND[0] <= drift.factor <= DRIFT_BAND[1]:
+    if refuse and not predictor.fresh and not DRIFT_BAND[0] <= drift.factor <= DRIFT_BAND[1]:
         where = str(predictor.path) if predictor.path else f"latency table of {space.name}"
         enforce(SpecError("", f"this machine now runs x{drift.factor:.2f} against the table (outside "
                             f"[{DRIFT_BAND[0]:.2f}, {DRIFT_BAND[1]:.2f}]); rebuild it: nas latency build --space "

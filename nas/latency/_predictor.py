@@ -226,6 +226,9 @@ class Predictor:
     reference_ms: float | None = None
     reference_spec: NetworkSpec | None = None
     drift: float = 1.0  # this machine's speed now against the table's (nas.latency.calibrate); not stored
+    # Measured by this process (profile), not loaded; not stored. Its drift is the machine changing speed since moments
+    # ago (x1.53 a minute after a build here), which calibrate() rescales but never answers with "rebuild it".
+    fresh: bool = dataclasses.field(default=False, compare=False)
     _entries: dict[Layer, tuple[float, int]] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -449,7 +452,8 @@ def profile(space: SearchSpace, *, device: str = "cpu", threads: int | None = No
     check_fit(space, scale, offset, sums, measured, reference_index=2 if len(anchors) == 3 else None,
               per_layer=per_layer, counts=counts, per_mparam=per_mparam, mparams=mparams)
     return Predictor(space, fp, table, scale, offset, per_layer=per_layer, per_mparam=per_mparam, params=params,
-                     reference_ms=float(measured[2]) if reference is not None else None, reference_spec=reference)
+                     reference_ms=float(measured[2]) if reference is not None else None, reference_spec=reference,
+                     fresh=True)
 
 
 def fit_correction(sums: np.ndarray, counts: np.ndarray, mparams: np.ndarray, measured: np.ndarray, *,
