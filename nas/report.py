@@ -26,12 +26,13 @@ import torch
 from tqdm import tqdm
 
 from nas._schema import SpecError, ensure_writable, write_atomic
-from nas.latency import measure
+from nas.latency import REFERENCE_COPIES, median_of_rounds, time_beside_reference
 from nas.model import build_model
 from nas.registry import ACTIVATIONS
 from nas.spec import NetworkSpec, save_spec
 from nas.study import (
     LOG_LIKELIHOOD_ATTR,
+    Measured,
     Reference,
     StudyRecord,
     feasible,
@@ -54,11 +55,29 @@ class ParetoEntry:
     measured_ms: float | None  # nas.build_model(spec) timed for real on the table's device, when available
     params: int
     spec: NetworkSpec
+    # The space's reference, timed in the same rounds as measured_ms and predicted like the trials (None without one)
+    reference_measured_ms: float | None = None
+    reference_predicted_ms: float | None = None
+
+    @property
+    def relative(self) -> bool:
+        """Whether the gap is taken relative to the reference timed beside this network."""
+        return self.reference_measured_ms is not None and self.reference_predicted_ms is not None
+
+    @property
+    def measured_vs_reference(self) -> float | None:
+        """Measured latency over the reference's, in the same rounds: below 1, really faster than MobileNetV3."""
+        return self.measured_ms / self.reference_measured_ms if self.relative and self.measured_ms else None
 
     @property
     def latency_gap(self) -> float | None:
-        """measured / predicted - 1."""
-        return None if self.measured_ms is None else self.measured_ms / self.predicted_ms - 1
+        """measured / predicted - 1, each relative to the reference when it was timed beside this network (what the
+        default limit depends on; a shared machine's speed of the moment cancels out), else absolute."""
+        if self.measured_ms is None:
+            return None
+        if self.relative:
+            return self.measured_vs_reference / (self.predicted_ms / self.reference_predicted_ms) - 1
+        return self.measured_ms / self.predicted_ms - 1
 
     @property
     def flagged(self) -> bool:
@@ -124,31 +143,48 @@ def build_report(study: optuna.Study, *, measure_latency: bool = True, remeasure
                     key=lambda t: (-t.values[0], t.values[1]))
     stored = {} if remeasure else stored_measurements(study)
     todo = [t for t in ranked if t.number not in stored] if can_measure else []
-    for t in tqdm(todo, desc="measuring the Pareto front", unit="net", disable=not progress or not todo,
-                  dynamic_ncols=True):
-        stored[t.number] = measure(trial_spec(t), **fp.timing).median_ms
     if todo:
+        stored.update(measure_front(todo, record, progress))
         store_measurements(study, stored)
+    ref = record.reference
     pareto = []
     for rank, t in enumerate(ranked, start=1):
         spec = trial_spec(t)
-        measured = stored.get(t.number)
-        entry = ParetoEntry(rank, t.number, t.values[0], t.values[1], measured,
-                            sum(p.numel() for p in build_model(spec).parameters()), spec)
-        gap = entry.latency_gap
+        m = stored.get(t.number)
+        entry = ParetoEntry(rank, t.number, t.values[0], t.values[1], None if m is None else m.ms,
+                            sum(p.numel() for p in build_model(spec).parameters()), spec,
+                            None if m is None else m.reference_ms, None if ref is None else ref.predicted_latency_ms)
+        gap, vs_ref = entry.latency_gap, entry.measured_vs_reference
         pareto.append(dataclasses.replace(entry, spec=spec.with_metadata(
             origin=f"nas search, study {study.study_name}, trial {t.number}", search_space=record.space_name,
             dataset=record.config.dataset, trial=t.number, rank=rank, proxy_accuracy=round(t.values[0], 6),
             proxy_accuracy_stderr=round(record.proxy_stderr(t.values[0]), 6), proxy_images=record.proxy_images,
             predicted_latency_ms=round(t.values[1], 4),
-            measured_latency_ms=None if measured is None else round(measured, 4),
+            measured_latency_ms=None if m is None else round(m.ms, 4),
+            measured_latency_vs_reference=None if vs_ref is None else round(vs_ref, 4),
             latency_device=fp.processor, latency_limit_ms=round(limit, 4),
             latency_gap=None if gap is None else round(gap, 4),
-            latency_flag=f"measured {gap:+.0%} off predicted: the machine was busy, or the table is stale"
-            if entry.flagged else None)))
+            latency_flag=f"measured {gap:+.0%} off predicted{' relative to the reference' if entry.relative else ''}"
+                         ": the machine was busy, or the table is stale" if entry.flagged else None)))
     hv = hypervolume([(t.values[0], t.values[1]) for t in complete if feasible(t)], limit)
     caveats = proxy_caveats([t.values[0] for t in complete], record.num_classes, record.proxy_images)
     return Report(study.study_name, record, trials, tuple(pareto), hv, caveats)
+
+
+FRONT_ROUNDS = 4  # interleaved rounds of 10 timed runs each, as latency validation and nas verify measure
+
+
+def measure_front(trials: list[optuna.trial.FrozenTrial], record: StudyRecord, progress: bool) -> dict[int, Measured]:
+    """Time the trials' networks for real, with the table's device, threads, batch and runtime, in interleaved rounds
+    beside the study's reference (REFERENCE_COPIES visits a round; a space without one is timed alone)."""
+    ref = None if record.reference is None else record.reference.spec
+    visits = FRONT_ROUNDS * (len(trials) + (0 if ref is None else REFERENCE_COPIES))
+    with tqdm(total=visits, desc="measuring the Pareto front", unit="net", disable=not progress,
+              dynamic_ncols=True) as bar:
+        ref_times, times = time_beside_reference(ref, [trial_spec(t) for t in trials], **record.fingerprint.timing,
+                                                 rounds=FRONT_ROUNDS, warmup=3, repeats=10, progress=bar)
+    ref_ms = None if ref_times is None else median_of_rounds(ref_times)
+    return {t.number: Measured(median_of_rounds(r), ref_ms) for t, r in zip(trials, times, strict=True)}
 
 
 def proxy_caveats(accuracies: list[float], num_classes: int, images: int | None) -> tuple[str, ...]:
@@ -201,7 +237,9 @@ def pareto_figure(report: Report, study: optuna.Study) -> go.Figure:
         error_y=_stderr_bars(report.record, [e.accuracy for e in front], "#e45756"),
         marker={"color": "#e45756", "size": 10, "symbol": ["x-open" if e.flagged else "circle" for e in front]},
         text=[f"rank {e.rank}, trial {e.trial}"
-              + ("" if e.measured_ms is None else f"<br>measured {e.measured_ms:.3f} ms ({e.latency_gap:+.0%})"
+              + ("" if e.measured_ms is None else f"<br>measured {e.measured_ms:.3f} ms"
+                 + ("" if e.measured_vs_reference is None else f", x{e.measured_vs_reference:.3f} the reference")
+                 + f" ({e.latency_gap:+.0%}{' relative' if e.relative else ''})"
                  + (f": over {FLAG_GAP:.0%} off, flagged" if e.flagged else ""))
               + f"<br>{_architecture(e.spec)}" for e in front],
         hovertemplate="%{text}<br>%{x:.3f} ms, acc %{y:.4f}<extra></extra>"))
@@ -311,10 +349,18 @@ def format_summary(report: Report, paths: dict[str, Path] | None = None, top: in
                            "predicted ms": f"{e.predicted_ms:.3f}",
                            "measured ms": "" if e.measured_ms is None else f"{e.measured_ms:.3f}"
                            + (" !" if e.flagged else ""),
+                           **({"measured / ref": "" if e.measured_vs_reference is None
+                               else f"{e.measured_vs_reference:.3f}"} if report.reference is not None else {}),
                            "blocks": len(e.spec.blocks), "params": f"{e.params:,}"} for e in report.pareto[:top]])
     lines += ["", "feasible Pareto-optimal architectures (best accuracy first):",
               table.to_string(index=False) if len(table) else "  none: no trial met the latency limit"]
     lines += [f"! {c}" for c in report.caveats]
+    beside = [e for e in report.pareto if e.relative and e.measured_ms is not None]
+    if beside:
+        e = beside[0]
+        lines.append(f"measured beside the reference (it measured {e.reference_measured_ms:.3f} ms, predicted "
+                     f"{e.reference_predicted_ms:.3f} ms): 'measured / ref' below 1 is faster than it, and a gap is "
+                     "that ratio against the predicted one")
     flagged = [e for e in report.pareto if e.flagged]
     if flagged:
         lines.append(f"! measured more than {FLAG_GAP:.0%} off predicted for {len(flagged)} of {len(report.pareto)} "

@@ -181,14 +181,27 @@ class StudyRecord:
             raise SpecError("study", f"{study.study_name!r} has an unreadable record ({e})") from None
 
 
-def stored_measurements(study: optuna.Study) -> dict[int, float]:
-    """Measured latencies (ms) of trials' networks, by trial number, as ``nas report`` stored them."""
-    return {int(k): float(v) for k, v in study.user_attrs.get(MEASURED_ATTR, {}).items()}
+@dataclass(frozen=True)
+class Measured:
+    """A trial's network timed for real, with the space's reference timed in the same interleaved rounds: their
+    ratio is free of how fast this shared machine happened to run at that moment, which the absolute time is not."""
+
+    ms: float
+    reference_ms: float | None = None  # None: the space has no reference, or a study of an older version
 
 
-def store_measurements(study: optuna.Study, measured: dict[int, float]) -> None:
+def stored_measurements(study: optuna.Study) -> dict[int, Measured]:
+    """Measured latencies of trials' networks, by trial number, as ``nas report`` stored them."""
+    out = {}
+    for k, v in study.user_attrs.get(MEASURED_ATTR, {}).items():
+        # Older versions stored the time alone.
+        out[int(k)] = Measured(float(v)) if isinstance(v, int | float) else Measured(**v)
+    return out
+
+
+def store_measurements(study: optuna.Study, measured: dict[int, Measured]) -> None:
     # A study attribute: Optuna does not let finished trials change.
-    study.set_user_attr(MEASURED_ATTR, {str(k): v for k, v in sorted(measured.items())})
+    study.set_user_attr(MEASURED_ATTR, {str(k): dataclasses.asdict(v) for k, v in sorted(measured.items())})
 
 
 LOG_LIKELIHOOD_ATTR = "proxy_log_likelihood"  # a trial's mean log-likelihood of the true class, beside accuracy

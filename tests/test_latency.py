@@ -453,6 +453,7 @@ def test_validation_reports_error_relative_to_the_reference() -> None:
 
 
 def test_validation_measures_the_reference_at_several_places_per_round(monkeypatch: pytest.MonkeyPatch) -> None:
+    import nas.latency._measure as measure_module
     import nas.latency._validate as v
     space = load_space("mobilenetv3_compact")
     seen: list[list] = []
@@ -461,7 +462,7 @@ def test_validation_measures_the_reference_at_several_places_per_round(monkeypat
         seen.append(specs)  # the reference's copies: 1 ms in round 0, 2 ms in round 1; every other network 1 ms
         return [[[1.0 + r * (s == space.reference_member())] * 3 for r in range(rounds)] for s in specs]
 
-    monkeypatch.setattr(v, "time_networks", fake_time_networks)
+    monkeypatch.setattr(measure_module, "time_networks", fake_time_networks)
     report = v.validate(_flat_predictor(), space, n=4, rounds=2, reference_copies=3, progress=False)
     assert [s == space.reference_member() for s in seen[0]] == [True] * 3 + [False] * 4
     # The copies pooled as one network: the halves measure it 1 ms then 2 ms, which moves every relative figure.

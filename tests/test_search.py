@@ -82,6 +82,7 @@ def test_search_writes_specs_csv_and_plots(work: Path) -> None:
         meta = spec.metadata
         assert meta["search_space"] == "mobilenetv3_compact" and meta["dataset"] == "digits"
         assert meta["predicted_latency_ms"] <= meta["latency_limit_ms"] and meta["measured_latency_ms"] > 0
+        assert meta["measured_latency_vs_reference"] > 0  # timed beside the reference
         accs.append(meta["proxy_accuracy"])
     assert accs == sorted(accs, reverse=True)
     for page in ("pareto.html", "history.html"):
@@ -141,7 +142,11 @@ def test_report_and_export_from_the_storage_alone(work: Path) -> None:
     assert stored_measurements(study) == before  # the report reused them instead of measuring again
     specs = {nas.load_spec(p).metadata["trial"]: nas.load_spec(p).metadata for p in (out / "specs").glob("*.yaml")}
     assert set(specs) == ranked
-    assert {n: m["measured_latency_ms"] for n, m in specs.items()} == {n: round(before[n], 4) for n in ranked}
+    assert {n: m["measured_latency_ms"] for n, m in specs.items()} == {n: round(before[n].ms, 4) for n in ranked}
+    # Each batch of the front is timed with the reference in the same rounds, so ratios to it survive drift.
+    assert all(m.reference_ms is not None and m.reference_ms > 0 for m in before.values())
+    assert {n: m["measured_latency_vs_reference"] for n, m in specs.items()} == {
+        n: round(before[n].ms / before[n].reference_ms, 4) for n in ranked}
     r = nas_cmd("report", "--study", "mobilenetv3_compact-digits", "--remeasure", cwd=work)
     assert r.returncode == 0 and stored_measurements(study) != before, r.stderr
     r = nas_cmd("export", "--study", "mobilenetv3_compact-digits", "--top", "1", "--out", str(work / "best"),
@@ -303,6 +308,22 @@ def test_latency_gaps_over_25_percent_are_flagged() -> None:
     assert entry.latency_gap == pytest.approx(0.3) and entry.flagged
     assert not ParetoEntry(1, 7, 0.9, 2.0, 2.4, 1, spec).flagged  # 20%: within
     assert not ParetoEntry(1, 7, 0.9, 2.0, None, 1, spec).flagged  # not measured
+    # Timed beside the reference, the gap is the ratio to it against the predicted ratio: a machine running 1.5x
+    # slower than when the study was calibrated slows both, and flags neither.
+    slow = ParetoEntry(1, 7, 0.9, 2.0, 3.0, 1, spec, reference_measured_ms=6.0, reference_predicted_ms=4.0)
+    assert slow.relative and slow.measured_vs_reference == pytest.approx(0.5)
+    assert slow.latency_gap == pytest.approx(0.0) and not slow.flagged
+    off = ParetoEntry(1, 7, 0.9, 2.0, 3.0, 1, spec, reference_measured_ms=4.0, reference_predicted_ms=4.0)
+    assert off.latency_gap == pytest.approx(0.5) and off.flagged
+
+
+def test_measurements_of_older_studies_still_load(tmp_path: Path) -> None:
+    from nas.study import MEASURED_ATTR, Measured, store_measurements
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'old.db'}", study_name="old")
+    study.set_user_attr(MEASURED_ATTR, {"3": 2.5})  # before the reference was timed beside the front
+    assert stored_measurements(study) == {3: Measured(2.5)}
+    store_measurements(study, {3: Measured(2.5), 4: Measured(1.5, 3.0)})
+    assert stored_measurements(study) == {3: Measured(2.5), 4: Measured(1.5, 3.0)}
 
 
 def test_proxy_accuracies_at_chance_or_within_their_noise_are_called_out() -> None:

@@ -7,6 +7,7 @@ the two on random architectures.
 
 from nas.latency._calibrate import DRIFT_BAND, Drift, calibrate
 from nas.latency._measure import (
+    REFERENCE_COPIES,
     Measurement,
     Sweeps,
     check_device,
@@ -17,6 +18,7 @@ from nas.latency._measure import (
     num_threads,
     resolve_device,
     steady_allocator,
+    time_beside_reference,
     time_call,
     time_interleaved,
     time_networks,
@@ -35,7 +37,7 @@ from nas.latency._predictor import (
 from nas.latency._validate import Validation, validate
 
 __all__ = [
-    "DRIFT_BAND", "Drift", "Fingerprint",
+    "DRIFT_BAND", "REFERENCE_COPIES", "Drift", "Fingerprint",
     "Layer",
     "Measurement",
     "Predictor",
@@ -56,6 +58,7 @@ __all__ = [
     "space_layers",
     "steady_allocator",
     "table_path",
+    "time_beside_reference",
     "time_call",
     "time_interleaved",
     "time_networks",

@@ -12,6 +12,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -288,6 +289,19 @@ def time_networks(specs: list[NetworkSpec], *, device: str = "cpu", threads: int
                       progress)
         return time_interleaved(len(specs), call, dev, rounds=rounds, warmup=warmup, repeats=repeats, seed=seed,
                                 progress=progress)
+
+
+def time_beside_reference(reference: NetworkSpec | None, specs: list[NetworkSpec], *, copies: int = REFERENCE_COPIES,
+                          **timing: Any) -> tuple[list[list[float]] | None, list[list[list[float]]]]:
+    """``time_networks`` over ``specs`` with ``reference`` among them ``copies`` times per round, at places spread by
+    the shuffle: the reference's rounds pooled (None without one) and each spec's rounds. Every figure relative to the
+    reference divides by its one measurement, so one unlucky visit must not decide it; and relative figures, taken in
+    the same rounds, do not depend on how fast this machine happens to run while they are taken."""
+    if copies < 1:
+        raise SpecError("reference_copies", f"{copies} must be positive")
+    k = 0 if reference is None else copies
+    times = time_networks([*([reference] * k), *specs], **timing)
+    return (pooled(times[:k]) if k else None), times[k:]
 
 
 def measure_module(model: nn.Module, input_shape: tuple[int, ...], *, device: str = "cpu", threads: int | None = None,

@@ -13,7 +13,7 @@ from scipy.stats import kendalltau
 from tqdm import tqdm
 
 from nas._schema import SpecError, write_json_atomic
-from nas.latency._measure import REFERENCE_COPIES, median_of_rounds, pooled, time_networks
+from nas.latency._measure import REFERENCE_COPIES, median_of_rounds, time_beside_reference
 from nas.latency._predictor import Predictor, table_path
 from nas.space import SearchSpace
 from nas.spec import NetworkSpec
@@ -84,20 +84,17 @@ def validate(predictor: Predictor, space: SearchSpace, *, n: int = 100, seed: in
     by the median over all those visits."""
     if rounds < 2:
         raise SpecError("rounds", f"{rounds}: the noise floor needs at least 2")
-    if reference_copies < 1:
-        raise SpecError("reference_copies", f"{reference_copies} must be positive")
     rng = random.Random(seed)
     specs: list[NetworkSpec] = [space.sample(rng) for _ in range(n)]
     reference = space.reference_member()
     fp = predictor.fingerprint
-    copies = 0 if reference is None else reference_copies
-    timed = [*([reference] * copies), *specs]
-    with tqdm(total=rounds * len(timed), desc="measuring", unit="net", disable=not progress, dynamic_ncols=True) as bar:
-        times = time_networks(timed, **fp.timing, rounds=rounds, warmup=3, repeats=10, seed=seed, progress=bar)
-    if copies:  # one call per network from here: the reference's copies pooled, round by round
-        times = [pooled(times[:copies]), *times[copies:]]
-    k = 1 if copies else 0  # the reference comes first
-    networks = [reference, *specs] if copies else specs
+    visits = rounds * (n + (0 if reference is None else reference_copies))
+    with tqdm(total=visits, desc="measuring", unit="net", disable=not progress, dynamic_ncols=True) as bar:
+        ref_times, times = time_beside_reference(reference, specs, copies=reference_copies, **fp.timing, rounds=rounds,
+                                                 warmup=3, repeats=10, seed=seed, progress=bar)
+    k = 0 if ref_times is None else 1  # the reference comes first, one call from here
+    times = [ref_times, *times] if k else times
+    networks = [reference, *specs] if k else specs
     half = rounds // 2
     measured_all = [median_of_rounds(net) for net in times]
     first_all = [median_of_rounds(net[:half]) for net in times]
