@@ -26,7 +26,7 @@ import torch
 from tqdm import tqdm
 
 from nas._schema import SpecError, ensure_writable, write_atomic
-from nas.latency import REFERENCE_COPIES, median_of_rounds, time_beside_reference
+from nas.latency import median_of_rounds, time_beside_reference
 from nas.model import build_model
 from nas.registry import ACTIVATIONS
 from nas.spec import NetworkSpec, save_spec
@@ -172,17 +172,21 @@ def build_report(study: optuna.Study, *, measure_latency: bool = True, remeasure
 
 
 FRONT_ROUNDS = 4  # interleaved rounds of 10 timed runs each, as latency validation and nas verify measure
+# Visits of the reference per round: fewer than validation's 8 among 100 networks, since a front of a few networks
+# would spend most of its time on them (the main command has a 180 s budget); 3 still outvote one unlucky visit.
+FRONT_REFERENCE_COPIES = 3
 
 
 def measure_front(trials: list[optuna.trial.FrozenTrial], record: StudyRecord, progress: bool) -> dict[int, Measured]:
     """Time the trials' networks for real, with the table's device, threads, batch and runtime, in interleaved rounds
-    beside the study's reference (REFERENCE_COPIES visits a round; a space without one is timed alone)."""
+    beside the study's reference (FRONT_REFERENCE_COPIES visits a round; a space without one is timed alone)."""
     ref = None if record.reference is None else record.reference.spec
-    visits = FRONT_ROUNDS * (len(trials) + (0 if ref is None else REFERENCE_COPIES))
+    visits = FRONT_ROUNDS * (len(trials) + (0 if ref is None else FRONT_REFERENCE_COPIES))
     with tqdm(total=visits, desc="measuring the Pareto front", unit="net", disable=not progress,
               dynamic_ncols=True) as bar:
-        ref_times, times = time_beside_reference(ref, [trial_spec(t) for t in trials], **record.fingerprint.timing,
-                                                 rounds=FRONT_ROUNDS, warmup=3, repeats=10, progress=bar)
+        ref_times, times = time_beside_reference(ref, [trial_spec(t) for t in trials], copies=FRONT_REFERENCE_COPIES,
+                                                 **record.fingerprint.timing, rounds=FRONT_ROUNDS, warmup=3, repeats=10,
+                                                 progress=bar)
     ref_ms = None if ref_times is None else median_of_rounds(ref_times)
     return {t.number: Measured(median_of_rounds(r), ref_ms) for t, r in zip(trials, times, strict=True)}
 

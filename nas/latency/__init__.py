@@ -7,7 +7,6 @@ the two on random architectures.
 
 from nas.latency._calibrate import DRIFT_BAND, Drift, calibrate
 from nas.latency._measure import (
-    REFERENCE_COPIES,
     Measurement,
     Sweeps,
     check_device,
@@ -37,7 +36,7 @@ from nas.latency._predictor import (
 from nas.latency._validate import Validation, validate
 
 __all__ = [
-    "DRIFT_BAND", "REFERENCE_COPIES", "Drift", "Fingerprint",
+    "DRIFT_BAND", "Drift", "Fingerprint",
     "Layer",
     "Measurement",
     "Predictor",
