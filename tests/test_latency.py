@@ -2,6 +2,7 @@ import dataclasses
 import json
 import random
 import statistics
+import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +20,7 @@ from nas.latency import (
     table_path,
 )
 from nas.latency._measure import REFERENCE_COPIES
-from nas.latency._predictor import TABLE_VERSION
+from nas.latency._predictor import FRESH_S, TABLE_VERSION
 from nas.space import load_space
 
 TINY = Path(__file__).parent / "tiny_space.yaml"
@@ -440,7 +441,11 @@ def test_drift_calibration_rescales_and_refuses_beyond_its_band(monkeypatch: pyt
     with pytest.raises(nas.SpecError, match=r"this machine now runs x0\.\d+ against the table .*--rebuild"):
         calibrate(dataclasses.replace(flat, scale=raw.factor * 5))  # a table 5x too slow for this machine
     # A table this process built moments ago is rescaled, never refused: rebuilding is what just happened.
-    assert calibrate(dataclasses.replace(flat, scale=raw.factor * 5, fresh=True)).factor < DRIFT_BAND[0]
+    now = time.monotonic()
+    assert calibrate(dataclasses.replace(flat, scale=raw.factor * 5, built_at=now)).factor < DRIFT_BAND[0]
+    # ... but a table a long-lived process (a notebook) built an hour ago is checked like a loaded one.
+    with pytest.raises(nas.SpecError, match="--rebuild"):
+        calibrate(dataclasses.replace(flat, scale=raw.factor * 5, built_at=now - FRESH_S - 1))
 
 
 def test_validation_reports_error_relative_to_the_reference() -> None:

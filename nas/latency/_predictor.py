@@ -83,6 +83,7 @@ MAX_UNSETTLED = 0.10  # refuse when a larger share of layers still disagrees aft
 SCALE_BAND = (0.5, 2.0)  # whole network / sum of its layers: about 1.1 on a quiet 2-core machine
 MAX_OFFSET_SHARE = 0.5  # |offset| at most this share of the smallest network's measured latency
 MAX_PER_LAYER_SHARE = 0.5  # |per-layer term x layers| at most this share of scale x sum, in every fit network
+FRESH_S = 600.0  # a table built this long ago by this process counts as fresh (see Predictor.built_at)
 MAX_REFERENCE_ERROR = 0.15  # the reference's prediction against its own direct measurement in the fit
 _OPS: dict[str, type[Any]] = {t.__name__: t for t in (StemSpec, BlockSpec, LastConvSpec, ClassifierSpec)}
 
@@ -226,9 +227,10 @@ class Predictor:
     reference_ms: float | None = None
     reference_spec: NetworkSpec | None = None
     drift: float = 1.0  # this machine's speed now against the table's (nas.latency.calibrate); not stored
-    # Measured by this process (profile), not loaded; not stored. Its drift is the machine changing speed since moments
-    # ago (x1.53 a minute after a build here), which calibrate() rescales but never answers with "rebuild it".
-    fresh: bool = dataclasses.field(default=False, compare=False)
+    # When this process measured it (profile's time.monotonic()); None when loaded; not stored. While ``fresh``, its
+    # drift is the machine changing speed since moments ago (x1.53 a minute after a build here), which calibrate()
+    # rescales but never answers with "rebuild it".
+    built_at: float | None = dataclasses.field(default=None, compare=False)
     _entries: dict[Layer, tuple[float, int]] = dataclasses.field(init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
@@ -248,6 +250,11 @@ class Predictor:
         # One lookup per layer in predict(), a search's hot path: hashing a Layer (its op's every field) is most of it.
         entries = {layer: (ms, self.params.get(layer, 0)) for layer, ms in self.table.items()}
         object.__setattr__(self, "_entries", entries)
+
+    @property
+    def fresh(self) -> bool:
+        """Built by this process within FRESH_S: a notebook that keeps a table for hours gets it checked again."""
+        return self.built_at is not None and time.monotonic() - self.built_at <= FRESH_S
 
     device = property(lambda self: self.fingerprint.device)
     threads = property(lambda self: self.fingerprint.threads)
@@ -453,7 +460,7 @@ def profile(space: SearchSpace, *, device: str = "cpu", threads: int | None = No
               per_layer=per_layer, counts=counts, per_mparam=per_mparam, mparams=mparams)
     return Predictor(space, fp, table, scale, offset, per_layer=per_layer, per_mparam=per_mparam, params=params,
                      reference_ms=float(measured[2]) if reference is not None else None, reference_spec=reference,
-                     fresh=True)
+                     built_at=time.monotonic())
 
 
 def fit_correction(sums: np.ndarray, counts: np.ndarray, mparams: np.ndarray, measured: np.ndarray, *,
