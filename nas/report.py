@@ -23,7 +23,6 @@ import optuna
 import pandas as pd
 import plotly.graph_objects as go
 import torch
-from tqdm import tqdm
 
 from nas._schema import SpecError, ensure_writable, write_atomic
 from nas.latency import median_of_rounds, time_beside_reference
@@ -67,7 +66,7 @@ class ParetoEntry:
     @property
     def measured_vs_reference(self) -> float | None:
         """Measured latency over the reference's, in the same rounds: below 1, really faster than MobileNetV3."""
-        return self.measured_ms / self.reference_measured_ms if self.relative and self.measured_ms else None
+        return self.measured_ms / self.reference_measured_ms if self.relative and self.measured_ms is not None else None
 
     @property
     def latency_gap(self) -> float | None:
@@ -181,12 +180,9 @@ def measure_front(trials: list[optuna.trial.FrozenTrial], record: StudyRecord, p
     """Time the trials' networks for real, with the table's device, threads, batch and runtime, in interleaved rounds
     beside the study's reference (FRONT_REFERENCE_COPIES visits a round; a space without one is timed alone)."""
     ref = None if record.reference is None else record.reference.spec
-    visits = FRONT_ROUNDS * (len(trials) + (0 if ref is None else FRONT_REFERENCE_COPIES))
-    with tqdm(total=visits, desc="measuring the Pareto front", unit="net", disable=not progress,
-              dynamic_ncols=True) as bar:
-        ref_times, times = time_beside_reference(ref, [trial_spec(t) for t in trials], copies=FRONT_REFERENCE_COPIES,
-                                                 **record.fingerprint.timing, rounds=FRONT_ROUNDS, warmup=3, repeats=10,
-                                                 progress=bar)
+    ref_times, times = time_beside_reference(ref, [trial_spec(t) for t in trials], copies=FRONT_REFERENCE_COPIES,
+                                             **record.fingerprint.timing, rounds=FRONT_ROUNDS, warmup=3, repeats=10,
+                                             desc="measuring the Pareto front", progress=progress)
     ref_ms = None if ref_times is None else median_of_rounds(ref_times)
     return {t.number: Measured(median_of_rounds(r), ref_ms) for t, r in zip(trials, times, strict=True)}
 

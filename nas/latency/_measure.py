@@ -292,15 +292,19 @@ def time_networks(specs: list[NetworkSpec], *, device: str = "cpu", threads: int
 
 
 def time_beside_reference(reference: NetworkSpec | None, specs: list[NetworkSpec], *, copies: int = REFERENCE_COPIES,
-                          **timing: Any) -> tuple[list[list[float]] | None, list[list[list[float]]]]:
+                          rounds: int, desc: str, progress: bool = True, **timing: Any
+                          ) -> tuple[list[list[float]] | None, list[list[list[float]]]]:
     """``time_networks`` over ``specs`` with ``reference`` among them ``copies`` times per round, at places spread by
-    the shuffle: the reference's rounds pooled (None without one) and each spec's rounds. Every figure relative to the
-    reference divides by its one measurement, so one unlucky visit must not decide it; and relative figures, taken in
-    the same rounds, do not depend on how fast this machine happens to run while they are taken."""
+    the shuffle: the reference's rounds pooled (None without one) and each spec's rounds, with a progress bar ``desc``
+    over every visit. Every figure relative to the reference divides by its one measurement, so one unlucky visit must
+    not decide it; and relative figures, taken in the same rounds, do not depend on how fast this machine happens to
+    run while they are taken."""
     if copies < 1:
         raise SpecError("reference_copies", f"{copies} must be positive")
-    k = 0 if reference is None else copies
-    times = time_networks([*([reference] * k), *specs], **timing)
+    timed = [*([reference] * copies if reference is not None else []), *specs]
+    with tqdm(total=rounds * len(timed), desc=desc, unit="net", disable=not progress, dynamic_ncols=True) as bar:
+        times = time_networks(timed, rounds=rounds, progress=bar, **timing)
+    k = len(timed) - len(specs)
     return (pooled(times[:k]) if k else None), times[k:]
 
 

@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 from scipy.stats import kendalltau
-from tqdm import tqdm
 
 from nas._schema import SpecError, write_json_atomic
 from nas.latency._measure import REFERENCE_COPIES, median_of_rounds, time_beside_reference
@@ -88,10 +87,8 @@ def validate(predictor: Predictor, space: SearchSpace, *, n: int = 100, seed: in
     specs: list[NetworkSpec] = [space.sample(rng) for _ in range(n)]
     reference = space.reference_member()
     fp = predictor.fingerprint
-    visits = rounds * (n + (0 if reference is None else reference_copies))
-    with tqdm(total=visits, desc="measuring", unit="net", disable=not progress, dynamic_ncols=True) as bar:
-        ref_times, times = time_beside_reference(reference, specs, copies=reference_copies, **fp.timing, rounds=rounds,
-                                                 warmup=3, repeats=10, seed=seed, progress=bar)
+    ref_times, times = time_beside_reference(reference, specs, copies=reference_copies, **fp.timing, rounds=rounds,
+                                             warmup=3, repeats=10, seed=seed, desc="measuring", progress=progress)
     k = 0 if ref_times is None else 1  # the reference comes first, one call from here
     times = [ref_times, *times] if k else times
     networks = [reference, *specs] if k else specs
