@@ -150,6 +150,27 @@ def test_the_extra_terms_are_fitted_only_where_they_earn_their_parameter_and_are
     assert fit(saving, mparams=mparams)[3] == 0.0
 
 
+def test_a_term_that_makes_the_fit_implausible_is_left_out_rather_than_the_table_refused() -> None:
+    import numpy as np
+
+    from nas.latency._predictor import fit_correction, implausible
+    rng = np.random.default_rng(0)
+    sums = np.array([0.5, 0.06, *rng.uniform(0.06, 0.5, 28)])  # largest, smallest, others (fast, as in ExecuTorch)
+    counts, mparams = rng.integers(10, 18, 30).astype(float), rng.uniform(0.2, 0.4, 30)
+    measured = (1.0 * sums + 0.1 * mparams - 0.04) * (1 + rng.normal(0, 0.005, 30))
+
+    def cause(fit: tuple[float, float, float, float]) -> str | None:
+        return implausible(fit, sums, measured, reference_index=None, counts=counts, mparams=mparams)
+
+    def fitted(**plausible: object) -> tuple[float, float, float, float]:
+        return fit_correction(sums, counts, mparams, measured, per_layer_term=False, cheapest_layer=0.01, **plausible)
+
+    best = fitted()  # the weights term earns its parameter, but with it the offset is most of the fastest network
+    assert best[3] == pytest.approx(0.1, abs=0.01) and "the offset is over 50%" in str(cause(best))
+    kept = fitted(plausible=lambda fit: cause(fit) is None)  # the same timings without it: a fit the checks pass
+    assert kept[2:] == (0.0, 0.0) and cause(kept) is None and kept[0] == pytest.approx(1.0, abs=0.05)
+
+
 def test_the_extra_terms_are_stored_with_the_table(tiny_predictor: Predictor, tmp_path: Path) -> None:
     saved = dataclasses.replace(tiny_predictor, per_layer=-0.0123, per_mparam=0.0456).save(tmp_path / "t.json")
     again = load_table(saved.path, tiny_predictor.space, tiny_predictor.fingerprint)
@@ -325,18 +346,18 @@ def test_implausible_fits_are_refused_with_their_cause(scale: float, offset: flo
     measured = np.array([30.0, 3.0, 10.0])  # largest, smallest, reference
     counts = np.array([12.0, 6.0, 9.0])  # their numbers of layers
     with pytest.raises(nas.SpecError, match=rf"^latency table of tiny: refused: .*{expected}") as info:
-        check_fit(load_space(TINY), scale, offset, np.array(sums), measured, reference_index=2, per_layer=per_layer,
+        check_fit(load_space(TINY), (scale, offset, per_layer, 0.0), np.array(sums), measured, reference_index=2,
                   counts=counts)
     assert "rerun when the machine is quieter" in str(info.value) and "\n" not in str(info.value)
-    check_fit(load_space(TINY), 1.02, -0.05, measured, measured, reference_index=2)  # plausible fits pass
-    check_fit(load_space(TINY), 1.02, -0.05, measured, measured, reference_index=2, per_layer=-0.02, counts=counts)
+    check_fit(load_space(TINY), (1.02, -0.05, 0.0, 0.0), measured, measured, reference_index=2)  # plausible fits pass
+    check_fit(load_space(TINY), (1.02, -0.05, -0.02, 0.0), measured, measured, reference_index=2, counts=counts)
     monkeypatch.setenv("NAS_LATENCY_CHECKS", "warn")  # the switch the test suite runs under: a warning, not an error
-    check_fit(load_space(TINY), scale, offset, np.array(sums), measured, reference_index=2, per_layer=per_layer,
+    check_fit(load_space(TINY), (scale, offset, per_layer, 0.0), np.array(sums), measured, reference_index=2,
               counts=counts)
     assert capsys.readouterr().err.startswith("warning (NAS_LATENCY_CHECKS=warn): latency table of tiny: refused")
     monkeypatch.setenv("NAS_LATENCY_CHECKS", "ignore")
     with pytest.raises(nas.SpecError, match=r"^NAS_LATENCY_CHECKS: 'ignore' is not one of 'refuse', 'warn'$"):
-        check_fit(load_space(TINY), scale, offset, np.array(sums), measured, reference_index=2, per_layer=per_layer,
+        check_fit(load_space(TINY), (scale, offset, per_layer, 0.0), np.array(sums), measured, reference_index=2,
                   counts=counts)
 
 

@@ -453,18 +453,23 @@ def profile(space: SearchSpace, *, device: str = "cpu", threads: int | None = No
     params = {layer: sum(p.numel() for p in layer.module(space.batch_norm).parameters()) for layer in layers}
     unfitted = Predictor(space, fp, table, 1.0, 0.0, params=params)
     sums, counts, mparams = np.array([unfitted.features(spec) for spec in specs], dtype=float).T
-    scale, offset, per_layer, per_mparam = fit_correction(sums, counts, mparams, measured,
-                                                          per_layer_term=runtime != "torch",
-                                                          cheapest_layer=min(table.values()))
-    check_fit(space, scale, offset, sums, measured, reference_index=2 if len(anchors) == 3 else None,
-              per_layer=per_layer, counts=counts, per_mparam=per_mparam, mparams=mparams)
+    networks = {"reference_index": 2 if len(anchors) == 3 else None, "counts": counts, "mparams": mparams}
+    fit = fit_correction(sums, counts, mparams, measured, per_layer_term=runtime != "torch",
+                         cheapest_layer=min(table.values()),
+                         plausible=lambda f: implausible(f, sums, measured, **networks) is None)
+    check_fit(space, fit, sums, measured, **networks)
+    scale, offset, per_layer, per_mparam = fit
     return Predictor(space, fp, table, scale, offset, per_layer=per_layer, per_mparam=per_mparam, params=params,
                      reference_ms=float(measured[2]) if reference is not None else None, reference_spec=reference,
                      built_at=time.monotonic())
 
 
+Fit = tuple[float, float, float, float]  # scale, offset, per_layer, per_mparam
+
+
 def fit_correction(sums: np.ndarray, counts: np.ndarray, mparams: np.ndarray, measured: np.ndarray, *,
-                   per_layer_term: bool, cheapest_layer: float) -> tuple[float, float, float, float]:
+                   per_layer_term: bool, cheapest_layer: float,
+                   plausible: Callable[[Fit], bool] = lambda fit: True) -> Fit:
     """(scale, offset, per_layer, per_mparam) fitting ``measured`` ~ scale x ``sums`` + offset + per_layer x ``counts``
     + per_mparam x ``mparams`` (the fit networks' layer sums, numbers of layers and millions of parameters).
 
@@ -482,7 +487,12 @@ def fit_correction(sums: np.ndarray, counts: np.ndarray, mparams: np.ndarray, me
       every layer still adds time (scale x ``cheapest_layer``, the table's smallest entry, + per_layer > 0). Both terms
       are collinear with the sum, so on a few dozen noisy networks they can fit noise: a mobilenetv3_small onnxruntime
       build fitted -86.5 us x layers, below its cheapest entry, and validated at 84% within +-10% relative. In torch a
-      layer is one Python call either way and the per-layer term changed tau by under 0.01 on both built-in spaces."""
+      layer is one Python call either way and the per-layer term changed tau by under 0.01 on both built-in spaces.
+
+    A term also joins only where the fit stays ``plausible`` (:func:`implausible`, on the same timings): trading
+    against the offset, the weights term once took an ExecuTorch fit to -0.050 ms, over half its fastest network's
+    0.098 ms, and the build refused a table whose layers had taken 50 minutes to lower and time. Without the term the
+    same timings give a fit that may pass; the checks still judge the one chosen."""
     w = 1.0 / measured
     n = len(measured)
 
@@ -492,9 +502,13 @@ def fit_correction(sums: np.ndarray, counts: np.ndarray, mparams: np.ndarray, me
         residual = float(np.sum((x @ coef - 1.0) ** 2))  # relative errors: measured * w is 1
         return coef, n * math.log(max(residual, 1e-300) / n) + len(columns) * math.log(n)
 
-    def physical(coef: np.ndarray, names: list[str]) -> bool:
+    def as_fit(coef: np.ndarray, names: list[str]) -> Fit:
         terms = dict(zip(names, coef[2:], strict=True))
-        return terms.get("per_mparam", 0.0) >= 0 and coef[0] * cheapest_layer + terms.get("per_layer", 0.0) > 0
+        return float(coef[0]), float(coef[1]), float(terms.get("per_layer", 0.0)), float(terms.get("per_mparam", 0.0))
+
+    def acceptable(coef: np.ndarray, names: list[str]) -> bool:
+        scale, _, per_layer, per_mparam = fit = as_fit(coef, names)
+        return per_mparam >= 0 and scale * cheapest_layer + per_layer > 0 and plausible(fit)
 
     candidates = {"per_mparam": mparams, **({"per_layer": counts} if per_layer_term else {})}
     candidates = {name: column for name, column in candidates.items() if np.ptp(column) > 0}
@@ -503,13 +517,12 @@ def fit_correction(sums: np.ndarray, counts: np.ndarray, mparams: np.ndarray, me
     while True:
         tries = [(name, *fit([sums, np.ones(n), *(candidates[c] for c in chosen), candidates[name]]))
                  for name in candidates if name not in chosen]
-        better = [(b, name, c) for name, c, b in tries if b < bic and physical(c, [*chosen, name])]
+        better = [(b, name, c) for name, c, b in tries if b < bic and acceptable(c, [*chosen, name])]
         if not better:
             break
         bic, name, coef = min(better, key=lambda t: t[0])
         chosen.append(name)
-    terms = dict(zip(chosen, coef[2:], strict=True))
-    return float(coef[0]), float(coef[1]), float(terms.get("per_layer", 0.0)), float(terms.get("per_mparam", 0.0))
+    return as_fit(coef, chosen)
 
 
 def fit_formula(scale: float, offset: float, per_layer: float = 0.0, per_mparam: float = 0.0) -> str:
@@ -518,34 +531,42 @@ def fit_formula(scale: float, offset: float, per_layer: float = 0.0, per_mparam:
     return f"predicted = {scale:.3f} x sum of layers{layers}{weights} {offset:+.3f} ms"
 
 
-def check_fit(space: SearchSpace, scale: float, offset: float, sums: np.ndarray, measured: np.ndarray, *,
-              reference_index: int | None, per_layer: float = 0.0, counts: np.ndarray | None = None,
-              per_mparam: float = 0.0, mparams: np.ndarray | None = None) -> None:
-    """Refuse an implausible correction. ``sums``, ``counts`` and ``measured`` are the fit networks' layer sums,
-    numbers of layers and direct measurements, the largest member first, then the smallest, then the reference (at
-    ``reference_index``)."""
-    fitted = fit_formula(scale, offset, per_layer, per_mparam)
+def implausible(fit: Fit, sums: np.ndarray, measured: np.ndarray, *, reference_index: int | None,
+                counts: np.ndarray | None = None, mparams: np.ndarray | None = None) -> str | None:
+    """What makes a correction (``fit_correction``'s) implausible, or None. ``sums``, ``counts``, ``mparams`` and
+    ``measured`` are the fit networks' layer sums, numbers of layers, millions of parameters and direct measurements,
+    the largest member first, then the smallest, then the reference (at ``reference_index``)."""
+    scale, offset, per_layer, per_mparam = fit
+    fitted = fit_formula(*fit)
     if not all(math.isfinite(v) for v in (scale, offset, per_layer, per_mparam)):
-        enforce(_refuse(space, f"the fit did not converge ({fitted})"))
+        return f"the fit did not converge ({fitted})"
     if not SCALE_BAND[0] <= scale <= SCALE_BAND[1]:
-        enforce(_refuse(space, f"{fitted}: a scale outside [{SCALE_BAND[0]}, {SCALE_BAND[1]}] means whole networks "
-                             "were not timed like their layers"))
+        return (f"{fitted}: a scale outside [{SCALE_BAND[0]}, {SCALE_BAND[1]}] means whole networks were not timed "
+                "like their layers")
     if abs(offset) > MAX_OFFSET_SHARE * float(measured.min()):
-        enforce(_refuse(space, f"{fitted}: the offset is over {MAX_OFFSET_SHARE:.0%} of the fastest network's "
-                             f"{measured.min():.3f} ms"))
+        return f"{fitted}: the offset is over {MAX_OFFSET_SHARE:.0%} of the fastest network's {measured.min():.3f} ms"
     layer_term = per_layer * (0.0 if counts is None else counts)
     if np.any(np.abs(layer_term) > MAX_PER_LAYER_SHARE * scale * sums):
-        enforce(_refuse(space, f"{fitted}: the per-layer term is over {MAX_PER_LAYER_SHARE:.0%} of a network's scaled "
-                             "sum of layers, so its layers were not timed as the network runs them"))
+        return (f"{fitted}: the per-layer term is over {MAX_PER_LAYER_SHARE:.0%} of a network's scaled sum of layers, "
+                "so its layers were not timed as the network runs them")
     predicted = scale * sums + layer_term + per_mparam * (0.0 if mparams is None else mparams) + offset
     if predicted[0] <= predicted[1]:
-        enforce(_refuse(space, f"{fitted} predicts the largest member ({predicted[0]:.3f} ms) no slower than the "
-                             f"smallest ({predicted[1]:.3f} ms)"))
+        return (f"{fitted} predicts the largest member ({predicted[0]:.3f} ms) no slower than the smallest "
+                f"({predicted[1]:.3f} ms)")
     if reference_index is not None:
         error = predicted[reference_index] / measured[reference_index] - 1
         if abs(error) > MAX_REFERENCE_ERROR:
-            enforce(_refuse(space, f"{fitted} predicts the reference {predicted[reference_index]:.3f} ms, {error:+.0%} "
-                                 f"off its direct measurement (limit {MAX_REFERENCE_ERROR:.0%})"))
+            return (f"{fitted} predicts the reference {predicted[reference_index]:.3f} ms, {error:+.0%} off its direct "
+                    f"measurement (limit {MAX_REFERENCE_ERROR:.0%})")
+    return None
+
+
+def check_fit(space: SearchSpace, fit: Fit, sums: np.ndarray, measured: np.ndarray, **networks: Any) -> None:
+    """Refuse (``enforce``) an implausible correction, naming the cause (:func:`implausible`, which takes
+    ``networks``)."""
+    cause = implausible(fit, sums, measured, **networks)
+    if cause is not None:
+        enforce(_refuse(space, cause))
 
 
 def load_table(path: Path, space: SearchSpace, expected: Fingerprint | None, *, force: bool = False) -> Predictor:
