@@ -170,21 +170,28 @@ def build_report(study: optuna.Study, *, measure_latency: bool = True, remeasure
     return Report(study.study_name, record, trials, tuple(pareto), hv, caveats)
 
 
-FRONT_ROUNDS = 4  # interleaved rounds of 10 timed runs each, as latency validation and nas verify measure
+FRONT_ROUNDS = 4  # interleaved rounds of 10 timed runs each, as latency validation measures
 # Visits of the reference per round: fewer than validation's 8 among 100 networks, since a front of a few networks
 # would spend most of its time on them (the main command has a 180 s budget); 3 still outvote one unlucky visit.
 FRONT_REFERENCE_COPIES = 3
 
 
-def measure_front(trials: list[optuna.trial.FrozenTrial], record: StudyRecord, progress: bool) -> dict[int, Measured]:
-    """Time the trials' networks for real, with the table's device, threads, batch and runtime, in interleaved rounds
-    beside the study's reference (FRONT_REFERENCE_COPIES visits a round; a space without one is timed alone)."""
+def time_beside_study_reference(specs: list[NetworkSpec], record: StudyRecord, *, desc: str, progress: bool
+                                ) -> tuple[float | None, list[float]]:
+    """Median latency (ms) of the study's reference (None where its space has none) and of each of ``specs``, timed
+    for real with the table's device, threads, batch and runtime, in FRONT_ROUNDS interleaved rounds, the reference
+    visited FRONT_REFERENCE_COPIES times a round among them."""
     ref = None if record.reference is None else record.reference.spec
-    ref_times, times = time_beside_reference(ref, [trial_spec(t) for t in trials], copies=FRONT_REFERENCE_COPIES,
-                                             **record.fingerprint.timing, rounds=FRONT_ROUNDS, warmup=3, repeats=10,
+    ref_times, times = time_beside_reference(ref, specs, copies=FRONT_REFERENCE_COPIES, **record.fingerprint.timing,
+                                             rounds=FRONT_ROUNDS, warmup=3, repeats=10, desc=desc, progress=progress)
+    return (None if ref_times is None else median_of_rounds(ref_times)), [median_of_rounds(t) for t in times]
+
+
+def measure_front(trials: list[optuna.trial.FrozenTrial], record: StudyRecord, progress: bool) -> dict[int, Measured]:
+    """The trials' networks timed beside the study's reference (:func:`time_beside_study_reference`)."""
+    ref_ms, ms = time_beside_study_reference([trial_spec(t) for t in trials], record,
                                              desc="measuring the Pareto front", progress=progress)
-    ref_ms = None if ref_times is None else median_of_rounds(ref_times)
-    return {t.number: Measured(median_of_rounds(r), ref_ms) for t, r in zip(trials, times, strict=True)}
+    return {t.number: Measured(m, ref_ms) for t, m in zip(trials, ms, strict=True)}
 
 
 def proxy_caveats(accuracies: list[float], num_classes: int, images: int | None) -> tuple[str, ...]:

@@ -16,19 +16,15 @@ import optuna
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
-from tqdm import tqdm
 
 from nas._schema import SpecError, write_atomic, write_json_atomic
 from nas.data import DataSplit, load_dataset
-from nas.latency import median_of_rounds, time_networks
-from nas.report import build_report
+from nas.report import build_report, time_beside_study_reference
 from nas.space import load_space
 from nas.spec import NetworkSpec
 from nas.standalone import checkpoint_for, rank_agreement, train_network
 from nas.study import LOG_LIKELIHOOD_ATTR, feasible, trial_spec
 from nas.train import TrainSettings
-
-LATENCY_ROUNDS = 4  # interleaved rounds of 10 timed runs each, as latency validation measures
 
 
 @dataclass(frozen=True)
@@ -182,14 +178,13 @@ def verify(study: optuna.Study, *, top: int, settings: TrainSettings, device: st
                 spec, data, settings, range(settings.seed + 1, settings.seed + seeds), device=device,
                 out_dir=out_dir, progress=progress)]
     # Latency once all are trained, as the study's table was timed (its threads, batch and runtime), every network
-    # side by side in interleaved rounds: timed one by one between trainings, minutes apart, each would carry the
-    # machine's drift of that moment into "no slower than the reference".
-    with tqdm(total=LATENCY_ROUNDS * len(networks), desc="measuring latency", unit="net", disable=not progress,
-              dynamic_ncols=True) as bar:
-        times = time_networks([spec for _, spec, *_ in networks], **record.fingerprint.timing, rounds=LATENCY_ROUNDS,
-                              warmup=3, repeats=10, progress=bar)
-    rows = [VerifyRow(name, proxy, ll, accuracy, predicted, median_of_rounds(t))
-            for (name, _, proxy, ll, predicted), accuracy, t in zip(networks, accuracies, times, strict=True)]
+    # beside the reference in interleaved rounds: timed one by one between trainings, minutes apart, each would carry
+    # the machine's drift of that moment into "no slower than the reference".
+    found = [spec for name, spec, *_ in networks if name != "reference"]
+    ref_ms, found_ms = time_beside_study_reference(found, record, desc="measuring latency", progress=progress)
+    measured = iter(found_ms)
+    rows = [VerifyRow(name, proxy, ll, accuracy, predicted, ref_ms if name == "reference" else next(measured))
+            for (name, _, proxy, ll, predicted), accuracy in zip(networks, accuracies, strict=True)]
     proxy, standalone = [r.proxy_accuracy for r in rows], [r.standalone_accuracy for r in rows]
     tau, rho = rank_agreement(proxy, standalone)
     tau_ll = rank_agreement([r.proxy_log_likelihood for r in rows], standalone)[0]

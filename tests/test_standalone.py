@@ -150,7 +150,17 @@ def test_select_networks_fills_a_small_front_from_the_next_layers_without_repeat
         ["rank01-trial0000", "rank02-trial0001", "front2-trial0002"]
 
 
-def test_verify_measures_the_ground_truths_own_noise_on_the_reference(tmp_path: Path) -> None:
+def test_verify_measures_the_ground_truths_own_noise_on_the_reference(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    import nas.report
+    timed = []
+
+    def spy(reference: object, specs: list, **kw: object) -> object:
+        timed.append((reference, specs, kw["copies"]))
+        return time_beside_reference(reference, specs, **kw)
+
+    time_beside_reference = nas.report.time_beside_reference
+    monkeypatch.setattr(nas.report, "time_beside_reference", spy)
     space = load_space("mobilenetv3_compact")
     study = optuna.create_study(study_name="ref", storage=f"sqlite:///{tmp_path / 'study.db'}",
                                 directions=["maximize", "minimize"])
@@ -165,6 +175,9 @@ def test_verify_measures_the_ground_truths_own_noise_on_the_reference(tmp_path: 
                out_dir=tmp_path / "verify", progress=False, seeds=2)
     ref_row = v.rows[-1]
     assert ref_row.name == "reference" and ref_row.proxy_log_likelihood == -0.7
+    # Its latency is timed once, beside the found networks, pooled over its visits (as the front's in nas report)
+    assert [(r, len(specs), copies) for r, specs, copies in timed] == [(reference.spec, 2, 3)]
+    assert all(math.isfinite(r.measured_ms) and r.measured_ms > 0 for r in v.rows)
     assert len(v.reference_seed_accuracies) == 2 and v.reference_seed_accuracies[0] == ref_row.standalone_accuracy
     assert v.proxy_stderr == pytest.approx(math.sqrt(0.75 * 0.25 / 359))  # at the reference's proxy accuracy
     noisy = any("differ by little more than seed-to-seed noise" in c for c in v.caveats)
