@@ -189,13 +189,30 @@ class Measured:
     ms: float
     reference_ms: float | None = None  # None: the space has no reference, or a study of an older version
 
+    def __post_init__(self) -> None:
+        for name in ("ms", "reference_ms"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value > 0):
+                raise SpecError(name, f"{value} is not a finite, positive time")
+
 
 def stored_measurements(study: optuna.Study) -> dict[int, Measured]:
-    """Measured latencies of trials' networks, by trial number, as ``nas report`` stored them."""
+    """Measured latencies of trials' networks, by trial number, as ``nas report`` stored them; an unreadable entry is
+    a one-line error naming it (``nas report --remeasure`` replaces them all)."""
+    stored = study.user_attrs.get(MEASURED_ATTR, {})
     out = {}
-    for k, v in study.user_attrs.get(MEASURED_ATTR, {}).items():
-        # Older versions stored the time alone.
-        out[int(k)] = Measured(float(v)) if isinstance(v, int | float) else Measured(**v)
+    try:
+        if not isinstance(stored, dict):
+            raise SpecError(MEASURED_ATTR, f"expected a mapping of trial numbers, got {type(stored).__name__}")
+        for k, v in stored.items():
+            if not k.isdigit():
+                raise SpecError(f"{MEASURED_ATTR}.{k}", "is not a trial number")
+            if isinstance(v, int | float) and not isinstance(v, bool):  # older versions stored the time alone
+                v = {"ms": v}
+            out[int(k)] = from_data(Measured, v, f"{MEASURED_ATTR}.{k}")
+    except SpecError as e:
+        raise SpecError("study", f"{study.study_name!r} has unreadable measured latencies ({e}): rerun "
+                                 "'nas report --remeasure'") from None
     return out
 
 

@@ -326,6 +326,23 @@ def test_measurements_of_older_studies_still_load(tmp_path: Path) -> None:
     assert stored_measurements(study) == {3: Measured(2.5), 4: Measured(1.5, 3.0)}
 
 
+@pytest.mark.parametrize(("stored", "expected"), [
+    ([2.5], "nas_measured: expected a mapping of trial numbers, got list"),
+    ({"x": 2.5}, "nas_measured.x: is not a trial number"),
+    ({"3": -1.0}, "nas_measured.3.ms: -1.0 is not a finite, positive time"),
+    ({"3": {"ms": 2.0, "reference_ms": None}, "4": {"ms": "fast"}}, "nas_measured.4.ms: expected a number"),
+    ({"3": {"ms": 2.0, "reference": 3.0}}, "nas_measured.3.reference: unknown key"),
+])
+def test_unreadable_measurements_are_a_one_line_error_that_names_them(stored: object, expected: str,
+                                                                     tmp_path: Path) -> None:
+    from nas.study import MEASURED_ATTR
+    study = optuna.create_study(storage=f"sqlite:///{tmp_path / 'bad.db'}", study_name="bad")
+    study.set_user_attr(MEASURED_ATTR, stored)
+    with pytest.raises(nas.SpecError, match=rf"^study: 'bad' has unreadable measured latencies \({expected}.*\): "
+                                            r"rerun 'nas report --remeasure'$"):
+        stored_measurements(study)
+
+
 def test_proxy_accuracies_at_chance_or_within_their_noise_are_called_out() -> None:
     from nas.report import proxy_caveats
     at_chance = proxy_caveats([0.11, 0.12, 0.14, 0.13], num_classes=10, images=2000)  # a 1-epoch CIFAR supernet
