@@ -18,7 +18,7 @@ from typing import Any
 
 import optuna
 
-from nas._schema import SpecError, ensure_writable, from_data, results_root, to_data
+from nas._schema import SpecError, check_positive, ensure_writable, from_data, results_root, to_data
 from nas.latency import Fingerprint, check_device
 from nas.runtime import RUNTIMES, check_runtime
 from nas.spec import NetworkSpec, spec_from_dict, spec_to_dict
@@ -190,10 +190,9 @@ class Measured:
     reference_ms: float | None = None  # None: the space has no reference, or a study of an older version
 
     def __post_init__(self) -> None:
-        for name in ("ms", "reference_ms"):
-            value = getattr(self, name)
-            if value is not None and not (math.isfinite(value) and value > 0):
-                raise SpecError(name, f"{value} is not a finite, positive time")
+        check_positive("ms", self.ms)
+        if self.reference_ms is not None:
+            check_positive("reference_ms", self.reference_ms)
 
 
 def stored_measurements(study: optuna.Study) -> dict[int, Measured]:

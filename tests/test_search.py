@@ -329,7 +329,7 @@ def test_measurements_of_older_studies_still_load(tmp_path: Path) -> None:
 @pytest.mark.parametrize(("stored", "expected"), [
     ([2.5], "nas_measured: expected a mapping of trial numbers, got list"),
     ({"x": 2.5}, "nas_measured.x: is not a trial number"),
-    ({"3": -1.0}, "nas_measured.3.ms: -1.0 is not a finite, positive time"),
+    ({"3": -1.0}, "nas_measured.3.ms: -1.0 must be positive"),
     ({"3": {"ms": 2.0, "reference_ms": None}, "4": {"ms": "fast"}}, "nas_measured.4.ms: expected a number"),
     ({"3": {"ms": 2.0, "reference": 3.0}}, "nas_measured.3.reference: unknown key"),
 ])
