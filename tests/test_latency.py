@@ -483,13 +483,17 @@ def test_validation_measures_the_reference_at_several_places_per_round(monkeypat
     import nas.latency._validate as v
     space = load_space("mobilenetv3_compact")
     seen: list[list] = []
+    visit: dict[str, object] = {}
 
-    def fake_time_networks(specs: list, *, rounds: int, **_: object) -> list:
+    def fake_time_networks(specs: list, *, rounds: int, warmup: int, repeats: int, **_: object) -> list:
         seen.append(specs)  # the reference's copies: 1 ms in round 0, 2 ms in round 1; every other network 1 ms
+        visit.update(warmup=warmup, repeats=repeats)
         return [[[1.0 + r * (s == space.reference_member())] * 3 for r in range(rounds)] for s in specs]
 
     monkeypatch.setattr(measure_module, "time_networks", fake_time_networks)
-    report = v.validate(_flat_predictor(), space, n=4, rounds=2, reference_copies=3, progress=False)
+    report = v.validate(_flat_predictor(), space, n=4, rounds=2, warmup=1, repeats=4, reference_copies=3,
+                        progress=False)
     assert [s == space.reference_member() for s in seen[0]] == [True] * 3 + [False] * 4
+    assert visit == {"warmup": 1, "repeats": 4}  # each visit as asked (a benchmark trades runs for rounds)
     # The copies pooled as one network: the halves measure it 1 ms then 2 ms, which moves every relative figure.
     assert report.relative_noise_within_10 == 0 and report.n == 4

@@ -71,9 +71,11 @@ class Validation:
 
 
 def validate(predictor: Predictor, space: SearchSpace, *, n: int = 100, seed: int = 1, worst: int = 5,
-             rounds: int = 4, reference_copies: int = REFERENCE_COPIES, progress: bool = True) -> Validation:
+             rounds: int = 4, warmup: int = 3, repeats: int = 10, reference_copies: int = REFERENCE_COPIES,
+             progress: bool = True) -> Validation:
     """Sample ``n`` members, predict them, and time ``nas.build_model`` of each for real (never the supernet)
-    in ``rounds`` interleaved sweeps, with the space's reference member among them. The prediction is compared with
+    in ``rounds`` interleaved sweeps (each visit ``warmup`` untimed and ``repeats`` timed runs), with the space's
+    reference member among them. The prediction is compared with
     the median over all rounds, absolutely and relative to the reference; the noise floor compares the first half
     of the rounds with the second, two independent measurements. Calibrate ``predictor`` first
     (``predictor.with_drift(nas.latency.calibrate(predictor).factor)``) to validate it as a search uses it.
@@ -88,7 +90,8 @@ def validate(predictor: Predictor, space: SearchSpace, *, n: int = 100, seed: in
     reference = space.reference_member()
     fp = predictor.fingerprint
     ref_times, times = time_beside_reference(reference, specs, copies=reference_copies, **fp.timing, rounds=rounds,
-                                             warmup=3, repeats=10, seed=seed, desc="measuring", progress=progress)
+                                             warmup=warmup, repeats=repeats, seed=seed, desc="measuring",
+                                             progress=progress)
     k = 0 if ref_times is None else 1  # the reference comes first, one call from here
     times = [ref_times, *times] if k else times
     networks = [reference, *specs] if k else specs

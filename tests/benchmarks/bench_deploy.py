@@ -41,7 +41,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import cifar_images, reference_modelled, refused, retrying, write_section
-from bench_latency import VALIDATE_ROUNDS
+from bench_latency import VALIDATE, validate_timing
 from bench_verify import SIZES
 
 import nas
@@ -268,7 +268,7 @@ def _predictors(spaces: tuple[str, ...], runtimes: tuple[str, ...]) -> tuple[lis
             p, build_s = built
             drift = calibrate(p)
             t = time.perf_counter()
-            v = validate(p.with_drift(drift.factor), space, n=100, rounds=VALIDATE_ROUNDS)
+            v = validate(p.with_drift(drift.factor), space, n=100, **VALIDATE)
             model_error, modelled = reference_modelled(p, v)
             rows.append(f"| {space_name} | {runtime} | {build_s:.0f} s | {p.formula()} | x{drift.factor:.3f} | "
                         f"{v.relative_within_10:.0%} ({v.relative_noise_within_10:.0%}) | {model_error:+.1%}, "
@@ -292,7 +292,7 @@ def predictor() -> None:
         "deploy-predictor", "Deploy: the onnxruntime latency predictor",
         "`python tests/benchmarks/bench_deploy.py predictor`: for each space, a table built in onnxruntime fp32 (every "
         "layer exported as its own graph; the empty graph's call cost taken off each entry), then, straight after, "
-        f"drift calibration and `latency validate` on 100 random networks ({VALIDATE_ROUNDS} interleaved rounds beside "
+        f"drift calibration and `latency validate` on 100 random networks ({validate_timing()}, beside "
         "the reference, which the table predicts by its own measurement in the build's rounds; beside it, the share "
         "had the fitted model predicted it, from the same timings); the torch table built and validated the same way "
         "just after, side by side. In brackets: the measurement's own noise floor (its first half of the rounds "
@@ -306,7 +306,7 @@ def executorch_predictor() -> None:
         "`python tests/benchmarks/bench_deploy.py executorch-predictor`: the mobilenetv3_compact table built in "
         "ExecuTorch (every layer lowered to XNNPACK as a program of its own, all before any timing; the empty "
         "graph's call cost taken off each entry), then, straight after, drift calibration and `latency validate` on "
-        f"100 random networks, each lowered whole ({VALIDATE_ROUNDS} interleaved rounds beside the reference). In "
+        f"100 random networks, each lowered whole ({validate_timing()}, beside the reference). In "
         "brackets: the measurement's own noise floor. The torch and onnxruntime predictors' goals: >= 95% within "
         "+-10% relative to the reference, tau >= 0.9.", ("mobilenetv3_compact",), ("executorch",))
 

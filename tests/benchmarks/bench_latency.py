@@ -20,6 +20,9 @@ Parts:
   sustained  one network (mobilenetv3_small's reference, torch, 2 threads) timed without pause for 2 minutes after
            30 s of rest, then for 20 s after another 30 s of rest: does this machine's speed depend on how long
            it has been busy? (what a short drift calibration and a long measurement each see)
+  measurement  the 100 mobilenetv3_compact networks `later` validates on, measured twice in each of two ways (32
+           rounds of 10 runs, 64 of 5) side by side: how far each measurement agrees with itself and with its
+           repeat (why `later` measures as it does)
 Figures go to results/BENCHMARKS.md and results/benchmarks/latency-*.json.
 """
 
@@ -47,12 +50,17 @@ OUT = ROOT / "results" / "benchmarks"
 TABLES = OUT / "latency-tables"
 SPACES = ["mobilenetv3_compact", "mobilenetv3_small"]
 WAIT_S = 30 * 60
-# Rounds of the independent measurement: its own noise attenuates the tau it reports, so it must sit well above the 0.9
-# it judges. With 4 rounds the floor (half its rounds against the other half) on mobilenetv3_compact was 0.65-0.84;
-# with 8, 0.857-0.909 across spaces and runs 30 minutes after a build: still below 0.9. 16 (about 4 minutes for
-# mobilenetv3_small) makes each half as precise as the whole measurement was with 8; its floors 30 minutes after a build
-# were 0.882 and 0.903 (results/BENCHMARKS.md, 2026-11-29). 32 halves the measurement's own error variance again.
-VALIDATE_ROUNDS = 32
+# The independent measurement: its own noise attenuates the tau it reports, so it must sit well above the 0.9 it judges.
+# With 4 rounds the floor (half its rounds against the other half) on mobilenetv3_compact was 0.65-0.84; with 8,
+# 0.857-0.909; with 16 rounds of 10 runs, 0.882-0.903, and with 32, 0.886-0.906 (results/BENCHMARKS.md, 2026-11-29):
+# still at the goal itself. Its noise is each visit's (a network built afresh, the machine's state), not each run's, so
+# it falls with visits: 64 rounds of 5 runs (+2 warm-up) against 32 of 10 (+3) cut it by a third for 1.4x the time
+# (`measurement` below).
+VALIDATE = {"rounds": 64, "warmup": 2, "repeats": 5}
+
+
+def validate_timing() -> str:
+    return f"{VALIDATE['rounds']} interleaved rounds of {VALIDATE['repeats']} runs after {VALIDATE['warmup']} warm-up"
 
 
 def build(spaces: list[str]) -> None:
@@ -79,8 +87,7 @@ def later(spaces: list[str]) -> None:
         predictor = load_predictor(space, root=TABLES, progress=False)
         drift = calibrate(predictor)
         print(drift.describe(), flush=True)
-        report = validate(predictor.with_drift(drift.factor), space, n=100, seed=1, rounds=VALIDATE_ROUNDS,
-                          progress=False)
+        report = validate(predictor.with_drift(drift.factor), space, n=100, seed=1, progress=False, **VALIDATE)
         specs = [space.sample(random.Random(i)) for i in range(200)]
         per_call = []
         for _ in range(5):
@@ -112,10 +119,10 @@ def later(spaces: list[str]) -> None:
         "`python tests/benchmarks/bench_latency.py build`, then `... later` at least 30 minutes after. The later run "
         "calibrates each table's drift on five fixed members (`nas.latency.calibrate`), then times 100 random "
         "architectures built with `nas.build_model`, beside the space's reference (visited 8 times a round), in "
-        f"{VALIDATE_ROUNDS} interleaved rounds (10 runs after 3 warm-up per round, batch 1, inference mode, glibc "
-        "malloc thresholds fixed, the machine's speed divided out of each visit); predictions (rescaled by the drift) "
-        f"are compared with the median of all {VALIDATE_ROUNDS * 10} runs. Relative: predicted / predicted reference "
-        "against measured / measured reference; the table predicts the reference by its own measurement in the "
+        f"{validate_timing()} (batch 1, inference mode, glibc malloc thresholds fixed, the machine's speed divided "
+        "out of each visit); predictions (rescaled by the drift) are compared with the median of all "
+        f"{VALIDATE['rounds'] * VALIDATE['repeats']} runs. Relative: predicted / predicted reference against measured "
+        "/ measured reference; the table predicts the reference by its own measurement in the "
         "build's rounds, and the column beside says what the fitted model alone would have, from the same timings. "
         "In brackets, the noise floor: the same figure between the first half of the rounds and the second, two "
         f"independent measurements of the same networks. Load average during the later run: {loads}.\n\n"
@@ -301,7 +308,59 @@ def repeat() -> None:
         + "\n".join(rows) + refused(refusals))
 
 
+MEASUREMENT_SETTINGS = ((32, 10, 3), (64, 5, 2))  # (rounds, timed runs, warm-up runs) per visit
+
+
+def measurement() -> None:
+    import numpy as np
+    from scipy.stats import kendalltau
+
+    from nas.latency._measure import median_of_rounds, time_beside_reference
+
+    space = load_space("mobilenetv3_compact")
+    rng = random.Random(1)
+    nets, reference = [space.sample(rng) for _ in range(100)], space.reference_member()
+    runs: dict[tuple[int, int, int], list[dict]] = {s: [] for s in MEASUREMENT_SETTINGS}
+    for visit, setting in enumerate([*MEASUREMENT_SETTINGS, *MEASUREMENT_SETTINGS]):  # A, B, A, B: side by side
+        rounds, repeats, warmup = setting
+        start = time.perf_counter()
+        ref, times = time_beside_reference(reference, nets, rounds=rounds, warmup=warmup, repeats=repeats,
+                                           seed=10 + visit, desc="measuring", progress=False, threads=2)
+
+        def relative(part: slice, ref: list = ref, times: list = times) -> np.ndarray:
+            return np.array([median_of_rounds(t[part]) for t in times]) / median_of_rounds(ref[part])
+
+        half = slice(None, rounds // 2), slice(rounds // 2, None)
+        h1, h2 = relative(half[0]), relative(half[1])
+        runs[setting].append({"wall": time.perf_counter() - start, "whole": relative(slice(None)),
+                              "half_tau": kendalltau(h1, h2).statistic, "half_gap": np.median(np.abs(np.log(h1 / h2)))})
+        print(setting, {k: v for k, v in runs[setting][-1].items() if k != "whole"}, flush=True)
+    rows = []
+    for (rounds, repeats, warmup), (a, b) in runs.items():
+        gap = np.log(a["whole"] / b["whole"])
+        rows.append(f"| {rounds} x {repeats} (+{warmup}) | {statistics.fmean([a['wall'], b['wall']]):.0f} s | "
+                    f"{a['half_gap']:.2%}, {b['half_gap']:.2%} | {a['half_tau']:.3f}, {b['half_tau']:.3f} | "
+                    f"{np.median(np.abs(gap - np.median(gap))):.2%} | {np.median(gap):+.2%} | "
+                    f"{kendalltau(a['whole'], b['whole']).statistic:.3f} |")
+    (OUT / "latency-measurement.json").write_text(json.dumps(
+        {f"{r} x {n} (+{w})": [{k: (v.tolist() if hasattr(v, "tolist") else v) for k, v in m.items()} for m in ms]
+         for (r, n, w), ms in runs.items()}, indent=1))
+    write_section(
+        "latency-measurement", "How repeatable is the independent measurement that judges a predictor?",
+        "`python tests/benchmarks/bench_latency.py measurement`: the 100 random mobilenetv3_compact networks that "
+        "`later` validates on, and the reference (8 visits a round), each network built afresh with "
+        "`nas.build_model` at every visit (torch, 2 threads, batch 1), each row's measurement made twice, the rows "
+        "side by side in the order A, B, A, B. Latency relative to the reference measured in the same rounds. Half "
+        "against half: the first half of a measurement's rounds against its second (the noise floor `later` reports); "
+        "whole against whole: the two measurements of a row, their typical gap for one network less the "
+        "median gap (the reference's own change between them, which shifts every relative figure alike and is given "
+        f"beside). Load average at the end {os.getloadavg()[0]:.2f}.\n\n| rounds x runs (+ warm-up) | wall, "
+        "median of 2 | half against half: median abs log gap, each measurement | Kendall tau | whole against whole: "
+        "median abs log gap, less the median | the median (the reference's shift) | Kendall tau |\n"
+        "|---|---|---|---|---|---|---|\n" + "\n".join(rows))
+
+
 if __name__ == "__main__":
     part, *names = sys.argv[1:] or ["build"]
     {"build": lambda: build(names or SPACES), "later": lambda: later(names or SPACES), "loaded": loaded,
-     "bursts": bursts, "sustained": sustained, "repeat": repeat}[part]()
+     "bursts": bursts, "sustained": sustained, "repeat": repeat, "measurement": measurement}[part]()
