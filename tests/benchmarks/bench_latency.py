@@ -54,8 +54,8 @@ WAIT_S = 30 * 60
 # With 4 rounds the floor (half its rounds against the other half) on mobilenetv3_compact was 0.65-0.84; with 8,
 # 0.857-0.909; with 16 rounds of 10 runs, 0.882-0.903, and with 32, 0.886-0.906 (results/BENCHMARKS.md, 2026-11-29):
 # still at the goal itself. Its noise is each visit's (a network built afresh, the machine's state), not each run's, so
-# it falls with visits: 64 rounds of 5 runs (+2 warm-up) against 32 of 10 (+3) cut it by a third for 1.4x the time
-# (`measurement` below).
+# it falls with visits: measured twice each way, 64 rounds of 5 runs (+2 warm-up) repeated at tau 0.937 and 0.945, 32
+# of 10 (+3) at 0.914 and 0.911, in two runs of `measurement` below, for 1.3x the time.
 VALIDATE = {"rounds": 64, "warmup": 2, "repeats": 5}
 
 
