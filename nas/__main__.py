@@ -1,3 +1,4 @@
 from nas.cli import main
 
-raise SystemExit(main())
+if __name__ == "__main__":  # not when a spawned worker imports it (nas.runtime.prepare_all)
+    raise SystemExit(main())

@@ -16,9 +16,11 @@ import functools
 import io
 import logging
 import os
+import pickle
 import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Iterator
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -207,14 +209,14 @@ class Compiled:
             return
         if example.device.type != "cpu":
             raise SpecError("runtime", f"{runtime} runs on the CPU here; measure it with device cpu")
-        if runtime == "executorch":
-            self.model = to_pte(module, example)
-            return
-        self.model = to_onnx(module, example, dynamic_batch=False)
-        if runtime == "onnxruntime-int8":
-            g = torch.Generator().manual_seed(0)
-            self.model = quantize_int8(self.model, [torch.randn(example.shape, generator=g).numpy()
-                                                    for _ in range(INT8_CALIBRATION_INPUTS)])
+        self.module = module  # until prepared (the first runner, or prepare_all for many at once)
+
+    @functools.cached_property
+    def model(self) -> bytes:
+        """The prepared program: ONNX (quantised for int8) or ExecuTorch bytes."""
+        model = _prepare(self.runtime, self.module, self.example)
+        del self.module  # the program holds the weights; a table keeps hundreds of these
+        return model
 
     def runner(self) -> Callable[[], object]:
         """A callable running the module once on the example input (in torch: call it under inference mode)."""
@@ -224,4 +226,54 @@ class Compiled:
             return functools.partial(pte_method(self.model, self.threads).execute, [self.example])
         sess, feed = session(self.model, self.threads), {INPUT: self.example.numpy()}
         return functools.partial(sess.run, None, feed)
+
+
+def _prepare(runtime: str, module: nn.Module, example: torch.Tensor) -> bytes:
+    if runtime == "executorch":
+        return to_pte(module, example)
+    model = to_onnx(module, example, dynamic_batch=False)
+    if runtime == "onnxruntime-int8":
+        g = torch.Generator().manual_seed(0)
+        model = quantize_int8(model, [torch.randn(example.shape, generator=g).numpy()
+                                      for _ in range(INT8_CALIBRATION_INPUTS)])
+    return model
+
+
+def _prepare_alone(runtime: str, pickled: bytes) -> bytes:
+    torch.set_num_threads(1)  # one worker per core: lowering is mostly single-threaded Python
+    return _prepare(runtime, *pickle.loads(pickled))
+
+
+PARALLEL_MIN = 16  # fewer programs than this are not worth a pool (a worker that spawns imports torch again, ~5 s)
+
+
+def prepare_all(compiled: list[Compiled], progress: Callable[[], object] = lambda: None, *,
+                workers: int | None = None) -> None:
+    """Prepare every one of ``compiled`` not yet prepared, calling ``progress`` after each. ExecuTorch's lowering
+    (1-2 s a layer, 880 layers for mobilenetv3_compact's table) runs in ``workers`` processes (default one per
+    core): it is
+    single-threaded Python, so a 2-core machine lowers a table in about half the time. Workers start as the
+    platform's default does (fork on Linux), as torch's DataLoader workers do, so a script calling this needs no
+    ``if __name__ == "__main__"`` guard there; each runs torch on one thread, which is what keeps a fork of a process
+    whose thread pools have run from deadlocking. ONNX export (0.05 s a layer) stays here, where the pool's start-up
+    would cost more than it saves."""
+    # One network can stand at several places (a reference visited several times a round): prepared once.
+    todo = list({id(c): c for c in compiled if c.runtime != "torch" and "model" not in c.__dict__}.values())
+    workers = min(workers or len(os.sched_getaffinity(0)), len(todo))
+    if workers < 2 or len(todo) < PARALLEL_MIN or todo[0].runtime != "executorch":
+        for c in compiled:
+            if c.runtime != "torch":
+                c.model  # noqa: B018 (prepares it)
+            progress()
+        return
+    for _ in range(len(compiled) - len(todo)):  # the already prepared
+        progress()
+    with ProcessPoolExecutor(workers) as pool:
+        # Pickled here, whole: the executor's own pickler would pass each tensor through shared memory, one file
+        # descriptor per storage.
+        jobs = [pool.submit(_prepare_alone, c.runtime, pickle.dumps((c.module, c.example))) for c in todo]
+        for c, job in zip(todo, jobs, strict=True):
+            c.__dict__["model"] = job.result()
+            del c.module
+            progress()
 

@@ -174,6 +174,14 @@ class NetworkSpec:
                 raise SpecError(f"blocks[{i}].in_channels", f"{block.in_channels} does not match {where} {previous}")
             previous, where = block.out_channels, f"blocks[{i}].out_channels"
 
+    # The read-only metadata view (MappingProxyType) does not pickle, and a spec crosses processes inside its
+    # network (nas.runtime.prepare_all's workers): pickled as a plain dict, restored read-only.
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "metadata": dict(self.metadata)}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state, metadata=types.MappingProxyType(state["metadata"]))
+
     def with_metadata(self, **items: Any) -> NetworkSpec:
         """A copy with ``items`` merged into the metadata."""
         return dataclasses.replace(self, metadata={**self.metadata, **items})

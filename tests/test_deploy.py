@@ -17,6 +17,7 @@ import nas
 from nas.data import load_for
 from nas.deploy import deploy, from_checkpoint
 from nas.latency import load_predictor, measure
+from nas.runtime import PARALLEL_MIN, Compiled, prepare_all
 from nas.space import load_space
 from nas.standalone import checkpoint_for, train_network
 from nas.study import StudyRecord, open_storage
@@ -186,6 +187,22 @@ def test_runtime_latency_tables_are_measured_in_that_runtime(tmp_path: Path, run
     assert measure(space.smallest(), runtime=runtime, repeats=5).runtime == runtime
 
 
+
+
+def test_many_executorch_programs_lower_in_worker_processes_as_they_would_here() -> None:
+    # A table lowers hundreds of layers: in a pool of spawned workers, each program must come back as this process
+    # would have lowered it, in order, the same network standing at several places prepared once.
+    torch.manual_seed(0)
+    modules = [torch.nn.Conv2d(4, 4 + i % 3, 3, padding=1) for i in range(PARALLEL_MIN)]
+    calls = [Compiled(m, torch.randn(1, 4, 8, 8), "executorch", threads=1) for m in modules]
+    calls.append(calls[0])
+    ticks: list[int] = []
+    prepare_all(calls, lambda: ticks.append(1), workers=2)
+    assert len(ticks) == len(calls) and all("model" in c.__dict__ and not hasattr(c, "module") for c in calls)
+    for m, c in zip(modules, calls, strict=False):
+        assert torch.allclose(c.runner()()[0], m(c.example), atol=1e-5)
+    with pytest.raises(nas.SpecError, match="runs on the CPU"):
+        Compiled(modules[0], torch.randn(1, 4, 8, 8, device="meta"), "executorch")
 
 
 def test_executorch_table_search_and_deploy_on_a_micro_space(tmp_path: Path) -> None:

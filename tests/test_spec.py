@@ -1,4 +1,5 @@
 import copy
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -98,6 +99,11 @@ def test_metadata_is_read_only_and_not_hashed() -> None:
         spec.metadata["x"] = 1  # type: ignore[index]
     assert hash(spec.with_metadata(trial=3)) == hash(spec)
     assert spec.with_metadata(trial=3).metadata["trial"] == 3
+    # It pickles (a network carries its spec into worker processes), and comes back read-only.
+    back = pickle.loads(pickle.dumps(nas.build_model(spec.with_metadata(trial=3)))).spec
+    assert back == spec and back.metadata["trial"] == 3
+    with pytest.raises(TypeError):
+        back.metadata["x"] = 1  # type: ignore[index]
 
 
 # ---- bad specs: each names the exact field ------------------------------------------------------------------------

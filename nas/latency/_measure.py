@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from nas._schema import SpecError
 from nas.model import build_model
-from nas.runtime import Compiled
+from nas.runtime import Compiled, prepare_all
 from nas.spec import NetworkSpec
 
 
@@ -227,18 +227,16 @@ def visits(compile: Callable[[int], Compiled], runtime: str, n: int, progress: t
            ) -> Callable[[int], Callable[[], object]]:
     """``time_interleaved``'s ``make`` over ``compile(i)`` for ``i < n``. In torch each visit compiles afresh, so
     nothing large stays in memory. Other runtimes prepare every call first (export, quantise or lower: the costly
-    step, 1-2 s a layer in ExecuTorch), once each and before any timing, so no export runs between the timings of a
-    round; each visit opens the prepared call afresh. ``progress`` counts the preparations."""
+    step, 1-2 s a layer in ExecuTorch, see :func:`nas.runtime.prepare_all`), once each and before any timing, so no
+    export runs between the timings of a round; each visit opens the prepared call afresh. ``progress`` counts the
+    preparations."""
     if runtime == "torch":
         return lambda i: compile(i).runner()
     if progress is not None:
         progress.total += n
         progress.refresh()
-    ready = []
-    for i in range(n):
-        ready.append(compile(i))
-        if progress is not None:
-            progress.update()
+    ready = [compile(i) for i in range(n)]
+    prepare_all(ready, progress.update if progress is not None else lambda: None)
     return lambda i: ready[i].runner()
 
 

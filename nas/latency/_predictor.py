@@ -29,7 +29,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from nas._schema import SpecError, digest, ensure_writable, results_root, to_data, write_json_atomic
+from nas._schema import SpecError, check_positive, digest, ensure_writable, results_root, to_data, write_json_atomic
 from nas.latency._measure import (
     REFERENCE_COPIES,
     Sweeps,
@@ -239,8 +239,8 @@ class Predictor:
                 raise SpecError(name, f"{getattr(self, name)} is not a finite number")
         if (self.reference_ms is None) != (self.reference_spec is None):
             raise SpecError("reference_ms", "comes with the network it measured (reference_spec), and only with it")
-        if self.reference_ms is not None and not (math.isfinite(self.reference_ms) and self.reference_ms > 0):
-            raise SpecError("reference_ms", f"{self.reference_ms} is not a finite, positive time")
+        if self.reference_ms is not None:
+            check_positive("reference_ms", self.reference_ms)
         for layer, ms in self.table.items():
             if not (math.isfinite(ms) and ms > 0):
                 raise SpecError("layers", f"{ms} ms for {type(layer.op).__name__} at {layer.size}x{layer.size}: "
