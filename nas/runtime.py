@@ -209,14 +209,16 @@ class Compiled:
             return
         if example.device.type != "cpu":
             raise SpecError("runtime", f"{runtime} runs on the CPU here; measure it with device cpu")
-        self.module = module  # until prepared (the first runner, or prepare_all for many at once)
+        self.module: nn.Module | None = module  # until prepared: the first runner, or prepare_all for many at once
+        self._model: bytes | None = None
 
-    @functools.cached_property
+    @property
     def model(self) -> bytes:
         """The prepared program: ONNX (quantised for int8) or ExecuTorch bytes."""
-        model = _prepare(self.runtime, self.module, self.example)
-        del self.module  # the program holds the weights; a table keeps hundreds of these
-        return model
+        if self._model is None:
+            prepare_all([self])
+        assert self._model is not None
+        return self._model
 
     def runner(self) -> Callable[[], object]:
         """A callable running the module once on the example input (in torch: call it under inference mode)."""
@@ -251,29 +253,25 @@ def prepare_all(compiled: list[Compiled], progress: Callable[[], object] = lambd
                 workers: int | None = None) -> None:
     """Prepare every one of ``compiled`` not yet prepared, calling ``progress`` after each. ExecuTorch's lowering
     (1-2 s a layer, 880 layers for mobilenetv3_compact's table) runs in ``workers`` processes (default one per
-    core): it is
-    single-threaded Python, so a 2-core machine lowers a table in about half the time. Workers start as the
-    platform's default does (fork on Linux), as torch's DataLoader workers do, so a script calling this needs no
-    ``if __name__ == "__main__"`` guard there; each runs torch on one thread, which is what keeps a fork of a process
-    whose thread pools have run from deadlocking. ONNX export (0.05 s a layer) stays here, where the pool's start-up
-    would cost more than it saves."""
+    core): it is single-threaded Python, so a 2-core machine lowers a table in about half the time. Workers start
+    as the platform's default does (fork on Linux), as torch's DataLoader workers do, so a script calling this needs
+    no ``if __name__ == "__main__"`` guard there; each runs torch on one thread, which is what keeps a fork of a
+    process whose thread pools have run from deadlocking. ONNX export (0.05 s a layer) stays here, where the pool's
+    start-up would cost more than it saves."""
     # One network can stand at several places (a reference visited several times a round): prepared once.
-    todo = list({id(c): c for c in compiled if c.runtime != "torch" and "model" not in c.__dict__}.values())
-    workers = min(workers or len(os.sched_getaffinity(0)), len(todo))
-    if workers < 2 or len(todo) < PARALLEL_MIN or todo[0].runtime != "executorch":
-        for c in compiled:
-            if c.runtime != "torch":
-                c.model  # noqa: B018 (prepares it)
-            progress()
-        return
-    for _ in range(len(compiled) - len(todo)):  # the already prepared
+    todo = list({id(c): c for c in compiled if c.runtime != "torch" and c._model is None}.values())
+    for _ in range(len(compiled) - len(todo)):  # torch's, and the already prepared
         progress()
-    with ProcessPoolExecutor(workers) as pool:
-        # Pickled here, whole: the executor's own pickler would pass each tensor through shared memory, one file
-        # descriptor per storage.
-        jobs = [pool.submit(_prepare_alone, c.runtime, pickle.dumps((c.module, c.example))) for c in todo]
-        for c, job in zip(todo, jobs, strict=True):
-            c.__dict__["model"] = job.result()
-            del c.module
+    workers = min(workers or len(os.sched_getaffinity(0)), len(todo))
+    with contextlib.ExitStack() as stack:
+        if workers >= 2 and len(todo) >= PARALLEL_MIN and todo[0].runtime == "executorch":
+            pool = stack.enter_context(ProcessPoolExecutor(workers))
+            # Pickled here, whole: the executor's own pickler would pass each tensor through shared memory, one file
+            # descriptor per storage.
+            jobs = [pool.submit(_prepare_alone, c.runtime, pickle.dumps((c.module, c.example))) for c in todo]
+            models: Iterator[bytes] = (job.result() for job in jobs)
+        else:
+            models = (_prepare(c.runtime, c.module, c.example) for c in todo)
+        for c, model in zip(todo, models, strict=True):
+            c._model, c.module = model, None  # the program holds the weights; a table keeps hundreds of these
             progress()
-

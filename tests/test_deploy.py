@@ -190,7 +190,7 @@ def test_runtime_latency_tables_are_measured_in_that_runtime(tmp_path: Path, run
 
 
 def test_many_executorch_programs_lower_in_worker_processes_as_they_would_here() -> None:
-    # A table lowers hundreds of layers: in a pool of spawned workers, each program must come back as this process
+    # A table lowers hundreds of layers: in a pool of worker processes, each program must come back as this process
     # would have lowered it, in order, the same network standing at several places prepared once.
     torch.manual_seed(0)
     modules = [torch.nn.Conv2d(4, 4 + i % 3, 3, padding=1) for i in range(PARALLEL_MIN)]
@@ -198,7 +198,7 @@ def test_many_executorch_programs_lower_in_worker_processes_as_they_would_here()
     calls.append(calls[0])
     ticks: list[int] = []
     prepare_all(calls, lambda: ticks.append(1), workers=2)
-    assert len(ticks) == len(calls) and all("model" in c.__dict__ and not hasattr(c, "module") for c in calls)
+    assert len(ticks) == len(calls) and all(c._model is not None and c.module is None for c in calls)
     for m, c in zip(modules, calls, strict=False):
         assert torch.allclose(c.runner()()[0], m(c.example), atol=1e-5)
     with pytest.raises(nas.SpecError, match="runs on the CPU"):
