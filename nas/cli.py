@@ -232,9 +232,12 @@ def _run_latency(args: argparse.Namespace) -> int:
               f"{time.perf_counter() - start:.0f} s)")
         print(f"correction: {predictor.formula()}")
         ref = space.reference_member()
-        if ref is not None:
-            print(f"reference {space.reference}: {predictor.predict(ref):.3f} ms measured in the fit (the model: "
-                  f"{predictor.modelled(ref):.3f} ms)")
+        if ref is not None and ref == predictor.reference_spec:
+            print(f"reference {space.reference}: {predictor.predict(ref):.3f} ms predicted, between its measurement "
+                  f"in the fit ({predictor.reference_ms:.3f} ms) and the model ({predictor.modelled(ref):.3f} ms)")
+        elif ref is not None:
+            print(f"reference {space.reference}: {predictor.predict(ref):.3f} ms predicted (the model; the table "
+                  "measured an earlier reference)")
         for name, spec in (("largest", space.largest()), ("smallest", space.smallest())):
             print(f"{name}: {predictor.predict(spec):.3f} ms predicted")
         return 0

@@ -1,5 +1,6 @@
 import dataclasses
 import json
+import math
 import random
 import statistics
 import time
@@ -194,11 +195,13 @@ def test_the_reference_is_predicted_by_its_own_measurement_in_the_fit(tmp_path: 
     monkeypatch.setattr(p, "network_compiler", lambda specs, *a, **k: timed.append(specs) or compiler(specs, *a, **k))
     built = profile(space, rounds=2, fit_networks=8, progress=False)
     assert timed[0].count(ref) == REFERENCE_COPIES and len(timed[0]) == 8 + REFERENCE_COPIES - 1  # visits a round
-    assert built.reference_ms is not None and built.predict(ref) == built.reference_ms
-    assert built.predict(space.largest()) == built.modelled(space.largest())  # every other member: the model
-    assert built.with_drift(2.0).predict(ref) == 2.0 * built.reference_ms
+    # The reference: the geometric mean of its measurement and the model; every other member: the model.
+    anchored = math.sqrt(built.reference_ms * built.modelled(ref))
+    assert built.predict(ref) == pytest.approx(anchored, rel=1e-12) and built.modelled(ref) != built.reference_ms
+    assert built.predict(space.largest()) == built.modelled(space.largest())
+    assert built.with_drift(2.0).predict(ref) == pytest.approx(2.0 * anchored, rel=1e-12)
     again = load_table(built.save(tmp_path / "t.json").path, space, built.fingerprint)
-    assert again.predict(ref) == built.reference_ms and again.modelled(ref) == built.modelled(ref)
+    assert again.reference_ms == built.reference_ms and again.predict(ref) == built.predict(ref)
     assert built.fresh and built.save(tmp_path / "t.json").fresh and not again.fresh  # built here; loaded
     with pytest.raises(nas.SpecError, match=r"reference_ms: -1\.0 must be positive"):
         dataclasses.replace(built, reference_ms=-1.0)
@@ -208,7 +211,9 @@ def test_the_reference_is_predicted_by_its_own_measurement_in_the_fit(tmp_path: 
     assert unanchored.predict(ref) == built.modelled(ref)
     # A table kept after the space's reference changed (its layers did not): the new reference is modelled.
     other = dataclasses.replace(built, reference_spec=space.largest())
-    assert other.predict(ref) == built.modelled(ref) and other.predict(space.largest()) == built.reference_ms
+    largest = space.largest()
+    assert other.predict(ref) == built.modelled(ref)
+    assert other.predict(largest) == pytest.approx(math.sqrt(built.reference_ms * built.modelled(largest)), rel=1e-12)
 
 
 def test_predicting_a_non_member_names_the_missing_layer(tiny_predictor: Predictor) -> None:

@@ -42,8 +42,8 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import cifar_images, reference_modelled, refused, retrying, write_section
-from bench_latency import VALIDATE, validate_timing
+from _report import ANCHORS_HEADER, cifar_images, reference_anchors, refused, retrying, write_section
+from bench_latency import validate_timing, validated
 from bench_verify import SIZES
 
 import nas
@@ -51,15 +51,14 @@ from nas import SpecError
 from nas.data import load_for
 from nas.deploy import CHECK_IMAGES, Weights, deploy, from_checkpoint, from_study
 from nas.latency import (
+    Drift,
     Predictor,
     Validation,
-    calibrate,
     layers_of,
     load_predictor,
     median_of_rounds,
     num_threads,
     time_interleaved,
-    validate,
 )
 from nas.runtime import Compiled, Empty
 from nas.search import SearchConfig, run_search
@@ -258,37 +257,27 @@ def overhead() -> None:
                   + "\n".join(rows))
 
 
-def _validated(p: Predictor) -> tuple[float, Validation, float]:
-    """Drift calibration of ``p``, then `latency validate` on 100 random networks with the predictor rescaled, as a
-    search uses it: the drift factor, the validation, and its seconds."""
-    drift = calibrate(p)
-    t = time.perf_counter()
-    v = validate(p.with_drift(drift.factor), p.space, n=100, **VALIDATE)
-    return drift.factor, v, time.perf_counter() - t
-
-
-def _validated_fresh(space_name: str, runtime: str, table: str) -> tuple[float, Validation, float] | str:
-    """:func:`_validated` of the table file ``table``, meant for a process of its own that has done nothing else; a
-    refusal comes back as its message (a SpecError does not unpickle)."""
+def _validated_fresh(space_name: str, runtime: str, table: str) -> tuple[Drift, Validation, float] | str:
+    """:func:`bench_latency.validated` of the table file ``table``, meant for a process of its own that has done
+    nothing else; a refusal comes back as its message (a SpecError does not unpickle)."""
     try:
-        return _validated(load_predictor(load_space(space_name), table=table, runtime=runtime))
+        return validated(load_predictor(load_space(space_name), table=table, runtime=runtime))
     except SpecError as e:
         return str(e)
 
 
-def _predictors(spaces: tuple[str, ...], runtimes: tuple[str, ...], fresh_process: bool = False
+def _predictors(spaces: tuple[str, ...], runtimes: tuple[str, ...], again: bool = False
                 ) -> tuple[list[str], list[str]]:
     """Build each space's table in each runtime, calibrate its drift, validate it on 100 random networks: table rows,
-    and the refusals met on the way. With ``fresh_process`` the same table is validated twice more: in a newly started
+    and the refusals met on the way. With ``again`` the same table is validated twice more: in a newly started
     process (spawned, so it inherits nothing of this one's state), then again in this one."""
     rows, refusals = [], []
 
-    def row(space_name: str, runtime: str, build: str, p: Predictor, drift: float, v: Validation, seconds: float
+    def row(space_name: str, runtime: str, build: str, p: Predictor, drift: Drift, v: Validation, seconds: float
             ) -> None:
-        model_error, modelled = reference_modelled(p, v)
-        rows.append(f"| {space_name} | {runtime} | {build} | {p.formula()} | x{drift:.3f} | "
-                    f"{v.relative_within_10:.0%} ({v.relative_noise_within_10:.0%}) | {model_error:+.1%}, "
-                    f"{modelled:.0%} | {v.within_10:.0%} ({v.noise_within_10:.0%}) | {v.kendall_tau:.3f} "
+        rows.append(f"| {space_name} | {runtime} | {build} | {p.formula()} | x{drift.factor:.3f} | "
+                    f"{v.relative_within_10:.0%} ({v.relative_noise_within_10:.0%}) | {reference_anchors(p, v)} | "
+                    f"{v.within_10:.0%} ({v.noise_within_10:.0%}) | {v.kendall_tau:.3f} "
                     f"({v.noise_kendall_tau:.3f}) | {seconds:.0f} s |")
         print(rows[-1], flush=True)
 
@@ -301,8 +290,8 @@ def _predictors(spaces: tuple[str, ...], runtimes: tuple[str, ...], fresh_proces
             if built is None:
                 continue
             p, build_s = built
-            row(space_name, runtime, f"{build_s:.0f} s", p, *_validated(p))
-            if fresh_process:
+            row(space_name, runtime, f"{build_s:.0f} s", p, *validated(p))
+            if again:
                 with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as pool:
                     fresh = pool.submit(_validated_fresh, space_name, runtime, str(p.path)).result()
                 if isinstance(fresh, str):
@@ -311,15 +300,14 @@ def _predictors(spaces: tuple[str, ...], runtimes: tuple[str, ...], fresh_proces
                     row(space_name, f"{runtime}, then in a fresh process", "the same table", p, *fresh)
                 # Again here, after it: a difference between the process that built the table and a fresh one shows
                 # as this row agreeing with the first; a difference in time, as this row agreeing with the fresh one.
-                row(space_name, f"{runtime}, then again in this process", "the same table", p, *_validated(p))
+                row(space_name, f"{runtime}, then again in this process", "the same table", p, *validated(p))
     return rows, refusals
 
 
 def _predictor_section(key: str, title: str, text: str, spaces: tuple[str, ...], runtimes: tuple[str, ...],
-                       fresh_process: bool = False) -> None:
-    rows, refusals = _predictors(spaces, runtimes, fresh_process)
-    write_section(key, title, text + "\n\n| space | runtime | build | fit | drift | within +-10% relative to "
-                  "reference | the model on the reference: its error, and within +-10% relative to it | within "
+                       again: bool = False) -> None:
+    rows, refusals = _predictors(spaces, runtimes, again)
+    write_section(key, title, text + f"\n\n| space | runtime | build | fit | drift | {ANCHORS_HEADER} | within "
                   "+-10% absolute | Kendall tau | validation wall |\n"
                   "|---|---|---|---|---|---|---|---|---|---|\n" +
                   "\n".join(rows) + refused(refusals))
@@ -331,8 +319,8 @@ def predictor() -> None:
         "`python tests/benchmarks/bench_deploy.py predictor`: for each space, a table built in onnxruntime fp32 (every "
         "layer exported as its own graph; the empty graph's call cost taken off each entry), then, straight after, "
         f"drift calibration and `latency validate` on 100 random networks ({validate_timing()}, beside "
-        "the reference, which the table predicts by its own measurement in the build's rounds; beside it, the share "
-        "had the fitted model predicted it, from the same timings); the torch table built and validated the same way "
+        "the reference, which the table predicts by the geometric mean of its measurement in the build and the fitted "
+        "model; beside it, each alone, from the same timings); the torch table built and validated the same way "
         "just after, side by side. In brackets: the measurement's own noise floor (its first half of the rounds "
         "against its second). Goals: >= 95% within +-10% relative to the reference, tau >= 0.9.", PREDICTOR_SPACES,
         ("onnxruntime", "torch"))
@@ -344,13 +332,14 @@ def executorch_predictor() -> None:
         "`python tests/benchmarks/bench_deploy.py executorch-predictor`: the mobilenetv3_compact table built in "
         "ExecuTorch (every layer lowered to XNNPACK as a program of its own, all before any timing; the empty "
         "graph's call cost taken off each entry), then, straight after, drift calibration and `latency validate` on "
-        f"100 random networks, each lowered whole ({validate_timing()}, beside the reference); then the same "
+        f"100 random networks, each lowered whole ({validate_timing()}, beside the reference, predicted as in the "
+        "onnxruntime section); then the same "
         "calibration and validation of the same table in a newly started process, which has lowered and timed "
         "nothing before, and then once more in the benchmark's own process (once, in an earlier session, a fresh "
         "process's measurement disagreed with this benchmark's own: this tells a process's state from the time "
         "since the build). In brackets: the measurement's own noise floor. The torch and onnxruntime "
         "predictors' goals: >= 95% within +-10% relative to the reference, tau >= 0.9.", ("mobilenetv3_compact",),
-        ("executorch",), fresh_process=True)
+        ("executorch",), again=True)
 
 
 PARTS = ("export", "runtimes", "isolation", "overhead", "predictor", "executorch-predictor")

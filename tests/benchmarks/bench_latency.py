@@ -40,9 +40,9 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import reference_modelled, refused, retrying, write_section
+from _report import ANCHORS_HEADER, reference_anchors, refused, retrying, write_section
 
-from nas.latency import calibrate, load_predictor, validate
+from nas.latency import Drift, Predictor, Validation, calibrate, load_predictor, validate
 from nas.space import load_space
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -61,6 +61,15 @@ VALIDATE = {"rounds": 64, "warmup": 2, "repeats": 5}
 
 def validate_timing() -> str:
     return f"{VALIDATE['rounds']} interleaved rounds of {VALIDATE['repeats']} runs after {VALIDATE['warmup']} warm-up"
+
+
+def validated(p: Predictor) -> tuple[Drift, Validation, float]:
+    """Drift calibration of ``p``, then `latency validate` on 100 random networks with the predictor rescaled, as a
+    search uses it: the drift, the validation, and its seconds."""
+    drift = calibrate(p)
+    t = time.perf_counter()
+    v = validate(p.with_drift(drift.factor), p.space, n=100, seed=1, progress=False, **VALIDATE)
+    return drift, v, time.perf_counter() - t
 
 
 def build(spaces: list[str]) -> None:
@@ -85,9 +94,8 @@ def later(spaces: list[str]) -> None:
                              f"{WAIT_S // 60} min")
         space = load_space(name)
         predictor = load_predictor(space, root=TABLES, progress=False)
-        drift = calibrate(predictor)
+        drift, report, _ = validated(predictor)
         print(drift.describe(), flush=True)
-        report = validate(predictor.with_drift(drift.factor), space, n=100, seed=1, progress=False, **VALIDATE)
         specs = [space.sample(random.Random(i)) for i in range(200)]
         per_call = []
         for _ in range(5):
@@ -95,19 +103,17 @@ def later(spaces: list[str]) -> None:
             for s in specs:
                 predictor.predict(s)
             per_call.append((time.perf_counter() - t) / len(specs) * 1e6)
-        model_error, modelled = reference_modelled(predictor, report)
-        rows.append({**built[name], "waited_min": waited / 60, "drift": drift.factor, "reference_model_error":
-                     model_error, "relative_within_10_modelled": modelled,
-                     "predict_us": statistics.median(per_call), "load": os.getloadavg(), **report.to_json()})
+        rows.append({**built[name], "waited_min": waited / 60, "drift": drift.factor,
+                     "anchors": reference_anchors(predictor, report), "predict_us": statistics.median(per_call),
+                     "load": os.getloadavg(), **report.to_json()})
         print(report.format(), flush=True)
     (OUT / "latency-later.json").write_text(json.dumps(rows, indent=2))
-    table = ["| space | layers | profile time (quiet) | fit | measured after | drift | within +-10% relative to the "
-             "reference (noise floor) | the model on the reference: its error, and within +-10% relative to it | "
+    table = [f"| space | layers | profile time (quiet) | fit | measured after | drift | {ANCHORS_HEADER} | "
              "within +-10% absolute (noise floor) | Kendall tau (noise floor) | MAPE | predict() per call |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     table += [f"| {r['space']} | {r['layers']} | {r['profile_s']:.0f} s | {r['fit']} | {r['waited_min']:.0f} min | "
               f"x{r['drift']:.3f} | {r['relative_within_10']:.0%} ({r['relative_noise_within_10']:.0%}) | "
-              f"{r['reference_model_error']:+.1%}, {r['relative_within_10_modelled']:.0%} | "
+              f"{r['anchors']} | "
               f"{r['within_10']:.0%} ({r['noise_within_10']:.0%}) | {r['kendall_tau']:.3f} "
               f"({r['noise_kendall_tau']:.3f}) | {r['mape']:.1%} | {r['predict_us']:.0f} us |" for r in rows]
     worst = "\n".join(f"- {r['space']}: " + "; ".join(f"{w['error']:+.1%} ({w['measured_ms']:.2f} ms measured)"
@@ -122,8 +128,8 @@ def later(spaces: list[str]) -> None:
         f"{validate_timing()} (batch 1, inference mode, glibc malloc thresholds fixed, the machine's speed divided "
         "out of each visit); predictions (rescaled by the drift) are compared with the median of all "
         f"{VALIDATE['rounds'] * VALIDATE['repeats']} runs. Relative: predicted / predicted reference against measured "
-        "/ measured reference; the table predicts the reference by its own measurement in the "
-        "build's rounds, and the column beside says what the fitted model alone would have, from the same timings. "
+        "/ measured reference, the table predicting the reference by the geometric mean of its measurement in the "
+        "build and the fitted model (beside it: each alone, from the same timings). "
         "In brackets, the noise floor: the same figure between the first half of the rounds and the second, two "
         f"independent measurements of the same networks. Load average during the later run: {loads}.\n\n"
         + "\n".join(table) + "\n\nWorst predictions (absolute):\n\n" + worst)
