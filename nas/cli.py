@@ -236,8 +236,8 @@ def _run_latency(args: argparse.Namespace) -> int:
             print(f"reference {space.reference}: {predictor.predict(ref):.3f} ms predicted, between its measurement "
                   f"in the fit ({predictor.reference_ms:.3f} ms) and the model ({predictor.modelled(ref):.3f} ms)")
         elif ref is not None:
-            print(f"reference {space.reference}: {predictor.predict(ref):.3f} ms predicted (the model; the table "
-                  "measured an earlier reference)")
+            print(f"reference {space.reference}: {predictor.predict(ref):.3f} ms predicted (the model: the table "
+                  "did not measure this reference)")
         for name, spec in (("largest", space.largest()), ("smallest", space.smallest())):
             print(f"{name}: {predictor.predict(spec):.3f} ms predicted")
         return 0

@@ -181,8 +181,8 @@ def test_the_extra_terms_are_stored_with_the_table(tiny_predictor: Predictor, tm
     assert again.predict(spec) == saved.predict(spec)
 
 
-def test_the_reference_is_predicted_by_its_own_measurement_in_the_fit(tmp_path: Path,
-                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+def test_the_reference_is_predicted_by_its_measurement_in_the_fit_and_the_model(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     import nas.latency._predictor as p
     # A tiny space whose reference is a member: the build measures it whole in the fit's rounds and keeps that.
     nas.save_spec(load_space(TINY).sample(random.Random(3)), tmp_path / "ref.yaml")
