@@ -82,16 +82,51 @@ ANCHORS_HEADER = ("within +-10% relative to the reference (noise floor) | the sa
 
 def machine() -> str:
     cpu = Fingerprint.current().processor  # the name the latency tables are keyed on
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} intra-op threads, "
-            f"Python {platform.python_version()}")
+    gpu = f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""
+    return (f"{cpu}, {os.cpu_count()} cores{gpu}, torch {torch.__version__}, {torch.get_num_threads()} intra-op "
+            f"threads, Python {platform.python_version()}")
 
 
-def write_section(name: str, title: str, body: str) -> None:
-    """Replace (or append) the section ``name`` of results/BENCHMARKS.md, stamped with date and machine."""
-    stamp = f"Measured {datetime.date.today().isoformat()} on {machine()}."
-    section = f"<!-- bench:{name} -->\n## {title}\n\n{stamp}\n\n{body.strip()}\n<!-- /bench:{name} -->"
+_SECTION = re.compile(r"<!-- bench:([\w.-]+) -->.*?<!-- /bench:\1 -->", re.S)
+
+
+def _put(section: str) -> None:
+    """Replace (or append) ``section`` in results/BENCHMARKS.md, by the name in its markers."""
+    name = _SECTION.fullmatch(section).group(1)
     text = BENCHMARKS.read_text() if BENCHMARKS.exists() else "# Benchmarks\n"
-    pattern = re.compile(rf"<!-- bench:{name} -->.*?<!-- /bench:{name} -->", re.S)
+    pattern = re.compile(rf"<!-- bench:{re.escape(name)} -->.*?<!-- /bench:{re.escape(name)} -->", re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"
     BENCHMARKS.write_text(text)
+
+
+def write_section(name: str, title: str, body: str, *, record: bool = True) -> None:
+    """Replace (or append) the section ``name`` of results/BENCHMARKS.md (unless not ``record``: a trial run),
+    stamped with date and machine. On the device machine ($OUT set) also into $OUT/bench-NAME.md: only $OUT comes
+    back from there (`splice` below)."""
+    stamp = f"Measured {datetime.date.today().isoformat()} on {machine()}."
+    section = f"<!-- bench:{name} -->\n## {title}\n\n{stamp}\n\n{body.strip()}\n<!-- /bench:{name} -->"
+    if record:
+        _put(section)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], f"bench-{name}.md").write_text(section + "\n")
     print(section)
+
+
+def splice(paths: list[str]) -> None:
+    """Put the sections a device machine wrote ($OUT/bench-NAME.md, fetched here) into results/BENCHMARKS.md."""
+    for path in paths:
+        sections = [m.group(0) for m in _SECTION.finditer(Path(path).read_text())]
+        if not sections:
+            raise SystemExit(f"{path}: no <!-- bench:NAME --> section in it")
+        for section in sections:
+            _put(section)
+            print(f"{path}: {section.splitlines()[0]} spliced into {BENCHMARKS}")
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:2] != ["splice"] or len(sys.argv) < 3:
+        raise SystemExit("usage: python tests/benchmarks/_report.py splice FILE... (sections written on a device "
+                         "machine into $OUT/bench-NAME.md)")
+    splice(sys.argv[2:])

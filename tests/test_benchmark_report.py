@@ -1,0 +1,44 @@
+"""The benchmarks' report plumbing: a section written on the device machine comes back through $OUT and lands in
+results/BENCHMARKS.md here, in place of the old one, without touching the others."""
+
+from __future__ import annotations
+
+import re
+import sys
+from pathlib import Path
+
+import pytest
+
+sys.path.insert(0, str(Path(__file__).resolve().parent / "benchmarks"))
+import _report  # the benchmarks' own module, beside them
+
+
+def test_a_section_written_on_the_device_machine_is_spliced_into_benchmarks_here(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    here = tmp_path / "BENCHMARKS.md"
+    here.write_text("# Benchmarks\n\n<!-- bench:a -->\n## A\n\nold figures\n<!-- /bench:a -->\n\n"
+                    "<!-- bench:b -->\n## B\n\nkept\n<!-- /bench:b -->\n")
+    out = tmp_path / "out"
+    out.mkdir()
+    monkeypatch.setenv("OUT", str(out))
+    monkeypatch.setattr(_report, "BENCHMARKS", tmp_path / "device-checkout-BENCHMARKS.md")  # lost with the machine
+    _report.write_section("a", "A", "new figures")
+    _report.write_section("trial", "A trial run", "not recorded", record=False)
+    assert not (tmp_path / "device-checkout-BENCHMARKS.md").read_text().count("not recorded")
+    assert (out / "bench-trial.md").exists()  # still comes back, to read
+
+    monkeypatch.setattr(_report, "BENCHMARKS", here)
+    _report.splice([str(out / "bench-a.md")])
+    text = here.read_text()
+    assert "new figures" in text and "old figures" not in text and "kept" in text
+    assert text.count("<!-- bench:a -->") == 1 and text.index("<!-- bench:a -->") < text.index("<!-- bench:b -->")
+    assert f"Measured {_report.datetime.date.today().isoformat()} on " in text
+
+
+def test_splicing_a_file_without_a_section_names_it(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(_report, "BENCHMARKS", tmp_path / "BENCHMARKS.md")
+    stray = tmp_path / "device.log"
+    stray.write_text("a log, not a section\n")
+    with pytest.raises(SystemExit, match=re.escape("device.log: no <!-- bench:NAME --> section in it")):
+        _report.splice([str(stray)])
+    assert not (tmp_path / "BENCHMARKS.md").exists()
