@@ -5,8 +5,9 @@ CIFAR-10 JPEGs of ../shared/data at 32px, space mobilenetv3_compact: supernet tr
 images per second, each image passing through the sandwich's subnets) and the mean GPU utilisation over it
 (nvidia-smi sampled every 200 ms), then a 200-trial search on that supernet (trials/s). Goals: at least 3x
 4,482 images/s, at least 70% mean utilisation, at least 20 trials/s. With --processes N > 1 the training runs
-under torchrun on N GPUs. Figures go to $OUT/bench-gpu.json (default results/benchmarks/) and, on a machine
-with this repository's results folder, to results/BENCHMARKS.md. Not run on a CPU-only machine: it says so.
+under torchrun on N GPUs. Figures go to $OUT/bench-gpu.json (default results/benchmarks/); the work (images,
+cache, supernet) stays under results/benchmarks/gpu-bench/, out of $OUT, which must come back from a device machine
+(tests/benchmarks/on_device.sh). Not run on a CPU-only machine: it says so.
 """
 
 from __future__ import annotations
@@ -56,7 +57,7 @@ def main() -> None:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("skipped: no CUDA device")
         return
-    work = OUT / "gpu-bench"
+    work = ROOT / "results" / "benchmarks" / "gpu-bench"
     if args.dataset is None:
         images = cifar_images(work)
         if images is None:
