@@ -39,7 +39,9 @@ run)
     fi
     export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
     nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>&1 | tee -a "$out/device.log" || true
-    "$@" 2>&1 | tr '\r' '\n' | grep --line-buffered -vE '[0-9]+/[0-9]+ \[' | tee -a "$out/device.log"
+    # Progress bars dropped from the log; the command's own exit status is the script's (pipefail).
+    "$@" 2>&1 | stdbuf -oL tr '\r' '\n' | { grep --line-buffered -vE '[0-9]+/[0-9]+ \[' || true; } |
+        tee -a "$out/device.log"
     ;;
 *)
     echo "usage: bash tests/benchmarks/on_device.sh prepare | run COMMAND..." >&2
