@@ -46,6 +46,10 @@ class SpecError(ValueError):
         parts = [x for x in (source, path, message) if x]
         super().__init__(": ".join(parts))
 
+    def __reduce__(self) -> tuple[Any, ...]:
+        # Pickled by its fields, not by its joined message: it crosses from a worker process (nas verify --jobs).
+        return _spec_error, (self.path, self.message, self.source)
+
     def in_file(self, source: str | os.PathLike[str]) -> SpecError:
         """The same error, attributed to the file ``source``."""
         return SpecError(self.path, self.message, source=str(source))
@@ -56,6 +60,10 @@ class SpecError(ValueError):
             return self
         joined = prefix + (self.path if self.path.startswith("[") else "." + self.path) if self.path else prefix
         return SpecError(joined, self.message, source=self.source)
+
+
+def _spec_error(path: str, message: str, source: str) -> SpecError:
+    return SpecError(path, message, source=source)
 
 
 def _join(path: str, key: str | int) -> str:

@@ -396,6 +396,9 @@ def _add_verify(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=_positive_int, default=3,
                    help="train the reference this many times (seeds --seed, +1, ...) to measure the stand-alone "
                         "recipe's seed-to-seed noise (default 3)")
+    p.add_argument("--jobs", type=_positive_int, default=1,
+                   help="trainings at a time, each in a process of its own: with --device cuda dealt out over the "
+                        "GPUs, or several on one GPU, whose small-network steps wait on the CPU (default 1)")
 
 
 def _run_verify(args: argparse.Namespace) -> int:
@@ -406,7 +409,7 @@ def _run_verify(args: argparse.Namespace) -> int:
     study, _ = load_study(args.study, args.storage, args.results)
     out = results_root(args.results) / args.study
     v = verify(study, top=args.top, settings=_recipe(args), device=str(resolve_device(args.device)),
-               out_dir=out / "verify", seeds=args.seeds)
+               out_dir=out / "verify", seeds=args.seeds, jobs=args.jobs)
     paths = write_verification(v, out)
     print(v.format())
     print(f"report: {paths['json']}, {paths['html']}")

@@ -3,8 +3,11 @@ measure how well the supernet's proxy accuracy ranks them (Kendall tau, Spearman
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
+import itertools
 import math
+import multiprocessing
 import os
 import statistics
 from collections.abc import Iterable, Iterator
@@ -15,7 +18,9 @@ from typing import Any
 import optuna
 import pandas as pd
 import plotly.graph_objects as go
+import torch
 from plotly.subplots import make_subplots
+from tqdm import tqdm
 
 from nas._schema import SpecError, write_atomic, write_json_atomic
 from nas.data import DataSplit, load_dataset
@@ -140,23 +145,89 @@ def select_networks(study: optuna.Study, ranks: dict[int, int], top: int
     return chosen
 
 
+# One stand-alone training: (spec, its recipe with its seed).
+Training = tuple[NetworkSpec, TrainSettings]
+
+
+def _job_device(device: str, k: int) -> str:
+    """Training ``k``'s device: plain "cuda" on a machine with several GPUs deals the trainings out among them."""
+    count = torch.cuda.device_count() if device == "cuda" else 0
+    return f"cuda:{k % count}" if count > 1 else device
+
+
+_WORKER_DATA: DataSplit | None = None  # a worker process's data set, loaded once (from the decoded cache)
+
+
+def _worker_start(dataset: tuple[str, int, int, str], threads: int) -> None:
+    global _WORKER_DATA
+    torch.set_num_threads(threads)
+    name, resolution, seed, data_dir = dataset
+    _WORKER_DATA = load_dataset(name, resolution, seed=seed, data_dir=data_dir)
+
+
+def _accuracy(training: Training, data: DataSplit, device: str, root: Path, progress: bool) -> float:
+    spec, settings = training
+    return train_network(spec, data, settings, device=device, progress=progress, measure_latency=False,
+                         checkpoint=checkpoint_for(spec, data, settings, None, root)).val_accuracy
+
+
+def _worker_accuracy(training: Training, device: str, root: Path) -> float:
+    assert _WORKER_DATA is not None
+    return _accuracy(training, _WORKER_DATA, device, root, False)
+
+
+def train_all(trainings: list[Training], dataset: tuple[str, int, int, str], *, device: str,
+              out_dir: str | os.PathLike[str], jobs: int = 1, progress: bool = True) -> list[float]:
+    """Stand-alone validation accuracy of each training, ``jobs`` at a time. ``dataset`` is load_dataset's (name,
+    resolution, seed, data_dir). Checkpoints under ``out_dir/checkpoints``: a cut run resumes, a repeated one reuses.
+
+    With ``jobs`` > 1 each runs in a process of its own (spawned: CUDA cannot be forked), the CPU's threads shared
+    out among them, and plain "cuda" deals them out over the GPUs. On one GPU several still help: a small
+    network's step is bound by the CPU launching its kernels, not by the GPU. Results do not depend on ``jobs``:
+    each training is seeded by its own recipe (on CPU, to the last bit only at the same threads per training).
+    """
+    if jobs < 1:
+        raise SpecError("jobs", f"{jobs} must be positive")
+    root = Path(out_dir) / "checkpoints"
+    if jobs == 1 or len(trainings) == 1:
+        data = load_dataset(dataset[0], dataset[1], seed=dataset[2], data_dir=dataset[3])
+        return [_accuracy(t, data, device, root, progress) for t in trainings]
+    jobs = min(jobs, len(trainings))
+    threads = max(1, torch.get_num_threads() // jobs)
+    context = multiprocessing.get_context("spawn")
+    results: list[float] = [math.nan] * len(trainings)
+    queue = iter(enumerate(trainings))
+    with concurrent.futures.ProcessPoolExecutor(jobs, mp_context=context, initializer=_worker_start,
+                                                initargs=(dataset, threads)) as pool, \
+            tqdm(total=len(trainings), disable=not progress, desc=f"training, {jobs} at a time", unit="network",
+                 dynamic_ncols=True) as bar:
+        # At most ``jobs`` handed out at once (the pool would queue more ahead), so an error stops the rest at once.
+        running = {pool.submit(_worker_accuracy, t, _job_device(device, k), root): k
+                   for k, t in itertools.islice(queue, jobs)}
+        while running:
+            done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                results[running.pop(future)] = future.result()  # a worker's error: raised here, the rest unbegun
+                bar.update()
+                for k, t in itertools.islice(queue, 1):
+                    running[pool.submit(_worker_accuracy, t, _job_device(device, k), root)] = k
+    return results
+
+
 def seed_accuracies_of(spec: NetworkSpec, data: DataSplit, settings: TrainSettings, seeds: Iterable[int], *,
                        device: str, out_dir: str | os.PathLike[str], progress: bool = True) -> list[float]:
     """Stand-alone validation accuracy of ``spec`` trained with ``settings`` under each of ``seeds`` (no latency
     measured): the ground truth's own noise. Checkpoints under ``out_dir/checkpoints``, shared with verify."""
-    out = []
-    for seed in seeds:
-        s = dataclasses.replace(settings, seed=seed)
-        out.append(train_network(spec, data, s, device=device, progress=progress, measure_latency=False,
-                                 checkpoint=checkpoint_for(spec, data, s, None, Path(out_dir) / "checkpoints"))
-                   .val_accuracy)
-    return out
+    root = Path(out_dir) / "checkpoints"
+    return [_accuracy((spec, dataclasses.replace(settings, seed=seed)), data, device, root, progress)
+            for seed in seeds]
 
 
 def verify(study: optuna.Study, *, top: int, settings: TrainSettings, device: str = "cpu",
-           out_dir: str | os.PathLike[str], progress: bool = True, seeds: int = 3) -> Verification:
+           out_dir: str | os.PathLike[str], progress: bool = True, seeds: int = 3, jobs: int = 1) -> Verification:
     """Retrain ``top`` networks spanning the front and the reference with ``settings``, the reference ``seeds``
-    times (seeds ``settings.seed``, +1, ...) to measure the ground truth's own noise."""
+    times (seeds ``settings.seed``, +1, ...) to measure the ground truth's own noise; ``jobs`` trainings at a
+    time (``train_all``)."""
     if seeds < 1:
         raise SpecError("seeds", f"{seeds} must be positive")
     report = build_report(study, measure_latency=False)  # only its ranks: verify measures what it trains
@@ -167,16 +238,13 @@ def verify(study: optuna.Study, *, top: int, settings: TrainSettings, device: st
         networks.append(("reference", ref.spec, ref.accuracy, ll, ref.predicted_latency_ms))
     # The study's specs carry the data set's class count already (nas.data.load_for at search time).
     c = record.config
-    data = load_dataset(c.dataset, load_space(c.space).input.resolution, seed=c.seed, data_dir=c.data_dir)
-    accuracies, seed_accuracies = [], []
-    for name, spec, *_ in networks:
-        trained = train_network(spec, data, settings, device=device, progress=progress, measure_latency=False,
-                                checkpoint=checkpoint_for(spec, data, settings, None, Path(out_dir) / "checkpoints"))
-        accuracies.append(trained.val_accuracy)
-        if name == "reference":
-            seed_accuracies = [trained.val_accuracy, *seed_accuracies_of(
-                spec, data, settings, range(settings.seed + 1, settings.seed + seeds), device=device,
-                out_dir=out_dir, progress=progress)]
+    trainings = [(spec, settings) for _, spec, *_ in networks]
+    if ref is not None:
+        trainings += [(ref.spec, dataclasses.replace(settings, seed=settings.seed + k)) for k in range(1, seeds)]
+    results = train_all(trainings, (c.dataset, load_space(c.space).input.resolution, c.seed, c.data_dir),
+                        device=device, out_dir=out_dir, jobs=jobs, progress=progress)
+    accuracies = results[:len(networks)]
+    seed_accuracies = [accuracies[-1], *results[len(networks):]] if ref is not None else []
     # Latency once all are trained, as the study's table was timed (its threads, batch and runtime), every network
     # beside the reference in interleaved rounds: timed one by one between trainings, minutes apart, each would carry
     # the machine's drift of that moment into "no slower than the reference".

@@ -184,3 +184,42 @@ def test_verify_measures_the_ground_truths_own_noise_on_the_reference(tmp_path: 
     assert noisy == (v.network_std <= 2 * v.seed_std) and "stand-alone seed-to-seed noise" in v.format()
     with pytest.raises(nas.SpecError, match=r"^seeds: 0 must be positive$"):
         verify(study, top=2, settings=TrainSettings(), out_dir=tmp_path / "v", progress=False, seeds=0)
+
+
+def test_verify_trains_in_worker_processes_to_the_same_accuracies(tmp_path: Path,
+                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch
+
+    from nas.data import load_dataset
+    from nas.standalone import checkpoint_for
+    from nas.verify import train_all
+
+    space = load_space("mobilenetv3_compact")
+    rng = random.Random(3)
+    settings = TrainSettings(epochs=1, batch_size=128, random_subnets=0)
+    trainings = [(space.sample(rng), settings), (space.sample(rng), settings),
+                 (space.sample(rng), TrainSettings(epochs=1, batch_size=128, random_subnets=0, seed=1))]
+    dataset = ("digits", space.input.resolution, 0, str(tmp_path / "data"))
+    threads = torch.get_num_threads()
+    monkeypatch.setattr(torch, "set_num_threads", torch.set_num_threads)  # restored below, whatever happens
+    torch.set_num_threads(1)  # the threads each of 2 workers gets on this 2-core machine: the same arithmetic
+    try:
+        alone = train_all(trainings, dataset, device="cpu", out_dir=tmp_path / "alone", progress=False)
+    finally:
+        torch.set_num_threads(threads)
+    together = train_all(trainings, dataset, device="cpu", out_dir=tmp_path / "together", jobs=2, progress=False)
+    assert together == alone and all(0 < a <= 1 for a in alone)
+    assert len(list((tmp_path / "together" / "checkpoints").glob("*.pt"))) == 3  # a later run reuses them
+
+    # A worker's error reaches the caller whole, without waiting for the trainings not begun: a corrupt
+    # checkpoint, named with its file.
+    data = load_dataset(*dataset[:2], seed=0, data_dir=dataset[3])
+    bad = checkpoint_for(trainings[0][0], data, trainings[0][1], None, tmp_path / "bad" / "checkpoints")
+    bad.parent.mkdir(parents=True)
+    bad.write_text("not a checkpoint")
+    with pytest.raises(nas.SpecError, match="not a readable supernet checkpoint") as e:
+        train_all(trainings, dataset, device="cpu", out_dir=tmp_path / "bad", jobs=2, progress=False)
+    assert e.value.source == str(bad)
+    assert len(list(bad.parent.glob("*.pt"))) < 3  # the third never began
+    with pytest.raises(nas.SpecError, match=r"^jobs: 0 must be positive$"):
+        train_all(trainings, dataset, device="cpu", out_dir=tmp_path / "bad", jobs=0, progress=False)
