@@ -259,7 +259,7 @@ def overhead() -> None:
 
 def _validated_fresh(space_name: str, runtime: str, table: str) -> tuple[Drift, Validation, float] | str:
     """:func:`bench_latency.validated` of the table file ``table``, meant for a process of its own that has done
-    nothing else; a refusal comes back as its message (a SpecError does not unpickle)."""
+    nothing else; a refusal comes back as its message."""
     try:
         return validated(load_predictor(load_space(space_name), table=table, runtime=runtime))
     except SpecError as e:
