@@ -397,8 +397,8 @@ def _add_verify(p: argparse.ArgumentParser) -> None:
                    help="train the reference this many times (seeds --seed, +1, ...) to measure the stand-alone "
                         "recipe's seed-to-seed noise (default 3)")
     p.add_argument("--jobs", type=_positive_int, default=1,
-                   help="trainings at a time, each in a process of its own: with --device cuda dealt out over the "
-                        "GPUs, or several on one GPU, whose small-network steps wait on the CPU (default 1)")
+                   help="trainings at a time, each in a process of its own, sharing the CPU's threads; with "
+                        "--device cuda dealt out over the GPUs (default 1)")
 
 
 def _run_verify(args: argparse.Namespace) -> int:

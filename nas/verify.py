@@ -182,9 +182,10 @@ def train_all(trainings: list[Training], dataset: tuple[str, int, int, str], *, 
     resolution, seed, data_dir). Checkpoints under ``out_dir/checkpoints``: a cut run resumes, a repeated one reuses.
 
     With ``jobs`` > 1 each runs in a process of its own (spawned: CUDA cannot be forked), the CPU's threads shared
-    out among them, and plain "cuda" deals them out over the GPUs. On one GPU several still help: a small
-    network's step is bound by the CPU launching its kernels, not by the GPU. Results do not depend on ``jobs``:
-    each training is seeded by its own recipe (on CPU, to the last bit only at the same threads per training).
+    out among them, and plain "cuda" deals them out over the GPUs. Small networks use threads poorly, so on a CPU
+    N processes of fewer threads each beat one of all (1.2-1.4x, 2 at a time on 2 cores; results/BENCHMARKS.md).
+    Each training is seeded by its own recipe, so ``jobs`` changes no result bit for bit at equal threads per
+    training; other threads change the order of floating-point sums, and so a short training's accuracy.
     """
     if jobs < 1:
         raise SpecError("jobs", f"{jobs} must be positive")

@@ -23,11 +23,14 @@ import argparse
 import dataclasses
 import json
 import os
+import random
 import statistics
 import sys
 import threading
 import time
 from pathlib import Path
+
+import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import cifar_images, write_section
@@ -135,19 +138,31 @@ def main() -> None:
     ap.add_argument("--size", choices=SIZES, default="cpu")
     ap.add_argument("--noise-epochs", type=int, nargs="+", default=None, metavar="N",
                     help="instead: the stand-alone recipe's seed-to-seed noise on the reference at N epochs")
+    ap.add_argument("--compare-jobs", type=int, default=None, metavar="N",
+                    help="instead: the reference and 3 random networks trained 1 epoch with the recipe, one at a "
+                         "time and N at a time (nas verify --jobs), alternately twice: wall time of each")
     args = ap.parse_args()
     size = SIZES[args.size]
     supernet, recipe, device = size.supernet, size.recipe, size.device
-    work, clock = WORK, Clock(WORK / f"seconds-{args.size}.json")
-    clock.start("images")
-    images = cifar_images(work)
-    if images is None:
+    work = WORK
+
+    def training_images() -> Path | None:
+        images = cifar_images(work)
+        if images is None or size.per_class is None:
+            return None if images is None else images / "train"
+        return subset(images / "train", size.per_class, work / f"cifar10-{size.per_class}-a-class" / "train")
+
+    if args.noise_epochs or args.compare_jobs:  # untimed by the clock, which sums the whole benchmark's phases
+        train = training_images()
+        if train is not None and args.noise_epochs:
+            noise(args.size, recipe, device, train, work, args.noise_epochs)
+        elif train is not None:
+            compare_jobs(args.size, recipe, device, train, work, args.compare_jobs)
         return
-    train = images / "train"
-    if size.per_class is not None:
-        train = subset(train, size.per_class, work / f"cifar10-{size.per_class}-a-class" / "train")
-    if args.noise_epochs:
-        noise(args.size, recipe, device, train, work, args.noise_epochs)
+    clock = Clock(WORK / f"seconds-{args.size}.json")
+    clock.start("images")
+    train = training_images()
+    if train is None:
         return
     clock.stop()
     config = SearchConfig(space="mobilenetv3_compact", dataset=f"folder:{train}", budget=size.budget,
@@ -226,6 +241,45 @@ def main() -> None:
         "trained, with the table's threads and "
         "batch, every network side by side in 4 interleaved rounds of 10 runs; median.\n\n"
         "| figure | value |\n|---|---|\n" + "\n".join(lines) + "\n\n" + "\n".join(rows), record=size.record)
+
+
+def compare_jobs(size: str, recipe: TrainSettings, device: str, train: Path, work: Path, jobs: int) -> None:
+    """Wall time of the same trainings one at a time and ``jobs`` at a time, alternately twice (ABAB: this
+    machine's speed drifts within minutes), each time from scratch into a fresh folder."""
+    import shutil
+
+    from nas.data import load_for
+    from nas.space import load_space
+    from nas.verify import train_all
+    space, _ = load_for(load_space("mobilenetv3_compact"), f"folder:{train}", data_dir=work / "data")
+    rng, one_epoch = random.Random(0), dataclasses.replace(recipe, epochs=1)
+    specs = [space.reference_member(), *(space.sample(rng) for _ in range(3))]
+    dataset = (f"folder:{train}", space.input.resolution, 0, str(work / "data"))
+    runs = []
+    for n in (1, jobs, 1, jobs):
+        out = work / f"compare-jobs-{size}"
+        shutil.rmtree(out, ignore_errors=True)
+        t = time.perf_counter()
+        accuracies = train_all([(s, one_epoch) for s in specs], dataset, device=device, out_dir=out, jobs=n,
+                               progress=False)
+        runs.append({"jobs": n, "seconds": time.perf_counter() - t, "accuracies": accuracies})
+        print(runs[-1], flush=True)
+    (OUT / f"verify-compare-jobs-{size}.json").write_text(json.dumps(runs, indent=2))
+    ratios = [runs[i]["seconds"] / runs[i + 1]["seconds"] for i in (0, 2)]
+    gap = max(abs(a - b) for r in runs[1::2] for a, b in zip(runs[0]["accuracies"], r["accuracies"], strict=True))
+    table = ["| order | jobs | wall time | accuracies (reference, then 3 random networks) |", "|---|---|---|---|"]
+    table += [f"| {i + 1} | {r['jobs']} | {r['seconds']:.0f} s | {', '.join(f'{a:.2%}' for a in r['accuracies'])} |"
+              for i, r in enumerate(runs)]
+    write_section(
+        f"verify-jobs-{size}", f"nas verify --jobs: trainings one at a time vs {jobs} at a time ({size})",
+        f"`python tests/benchmarks/bench_verify.py --size {size} --compare-jobs {jobs}`: the reference and 3 random "
+        f"mobilenetv3_compact networks (seed 0) trained for 1 epoch on the CIFAR-10 split above with verify's {size} "
+        f"recipe otherwise (batch {recipe.batch_size}), on {device}, through `nas.verify.train_all`, one at a time "
+        f"({torch.get_num_threads()} threads) and {jobs} at a time ({max(1, torch.get_num_threads() // jobs)} "
+        f"thread(s) each), alternately twice, each from scratch. One at a time / {jobs} at a time: "
+        f"x{ratios[0]:.2f} and x{ratios[1]:.2f} (above 1: {jobs} at a time is faster). Largest accuracy difference "
+        f"between the ways: {gap:.2%} (the same seeds; the threads per training differ, and with them the order of "
+        f"floating-point sums).\n\n" + "\n".join(table), record=SIZES[size].record)
 
 
 def noise(size: str, recipe: TrainSettings, device: str, train: Path, work: Path, epochs: list[int]) -> None:
