@@ -158,11 +158,15 @@ def _job_device(device: str, k: int) -> str:
 _WORKER_DATA: DataSplit | None = None  # a worker process's data set, loaded once (from the decoded cache)
 
 
+def _load(dataset: tuple[str, int, int, str]) -> DataSplit:
+    name, resolution, seed, data_dir = dataset
+    return load_dataset(name, resolution, seed=seed, data_dir=data_dir)
+
+
 def _worker_start(dataset: tuple[str, int, int, str], threads: int) -> None:
     global _WORKER_DATA
     torch.set_num_threads(threads)
-    name, resolution, seed, data_dir = dataset
-    _WORKER_DATA = load_dataset(name, resolution, seed=seed, data_dir=data_dir)
+    _WORKER_DATA = _load(dataset)
 
 
 def _accuracy(training: Training, data: DataSplit, device: str, root: Path, progress: bool) -> float:
@@ -190,8 +194,8 @@ def train_all(trainings: list[Training], dataset: tuple[str, int, int, str], *, 
     if jobs < 1:
         raise SpecError("jobs", f"{jobs} must be positive")
     root = Path(out_dir) / "checkpoints"
-    if jobs == 1 or len(trainings) == 1:
-        data = load_dataset(dataset[0], dataset[1], seed=dataset[2], data_dir=dataset[3])
+    if jobs == 1 or len(trainings) <= 1:  # no pool of one worker, nor of none
+        data = _load(dataset)
         return [_accuracy(t, data, device, root, progress) for t in trainings]
     jobs = min(jobs, len(trainings))
     threads = max(1, torch.get_num_threads() // jobs)

@@ -186,8 +186,7 @@ def test_verify_measures_the_ground_truths_own_noise_on_the_reference(tmp_path: 
         verify(study, top=2, settings=TrainSettings(), out_dir=tmp_path / "v", progress=False, seeds=0)
 
 
-def test_verify_trains_in_worker_processes_to_the_same_accuracies(tmp_path: Path,
-                                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+def test_verify_trains_in_worker_processes_to_the_same_accuracies(tmp_path: Path) -> None:
     import torch
 
     from nas.data import load_dataset
@@ -201,7 +200,6 @@ def test_verify_trains_in_worker_processes_to_the_same_accuracies(tmp_path: Path
                  (space.sample(rng), TrainSettings(epochs=1, batch_size=128, random_subnets=0, seed=1))]
     dataset = ("digits", space.input.resolution, 0, str(tmp_path / "data"))
     threads = torch.get_num_threads()
-    monkeypatch.setattr(torch, "set_num_threads", torch.set_num_threads)  # restored below, whatever happens
     torch.set_num_threads(1)  # the threads each of 2 workers gets on this 2-core machine: the same arithmetic
     try:
         alone = train_all(trainings, dataset, device="cpu", out_dir=tmp_path / "alone", progress=False)
@@ -223,3 +221,4 @@ def test_verify_trains_in_worker_processes_to_the_same_accuracies(tmp_path: Path
     assert len(list(bad.parent.glob("*.pt"))) < 3  # the third never began
     with pytest.raises(nas.SpecError, match=r"^jobs: 0 must be positive$"):
         train_all(trainings, dataset, device="cpu", out_dir=tmp_path / "bad", jobs=0, progress=False)
+    assert train_all([], dataset, device="cpu", out_dir=tmp_path / "none", jobs=2) == []
