@@ -41,4 +41,6 @@ def test_splicing_a_file_without_a_section_names_it(tmp_path: Path, monkeypatch:
     stray.write_text("a log, not a section\n")
     with pytest.raises(SystemExit, match=re.escape("device.log: no <!-- bench:NAME --> section in it")):
         _report.splice([str(stray)])
+    with pytest.raises(SystemExit, match=re.escape(f"{tmp_path / 'absent.md'}: No such file or directory")):
+        _report.splice([str(tmp_path / "absent.md")])
     assert not (tmp_path / "BENCHMARKS.md").exists()

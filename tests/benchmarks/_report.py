@@ -115,7 +115,11 @@ def write_section(name: str, title: str, body: str, *, record: bool = True) -> N
 def splice(paths: list[str]) -> None:
     """Put the sections a device machine wrote ($OUT/bench-NAME.md, fetched here) into results/BENCHMARKS.md."""
     for path in paths:
-        sections = [m.group(0) for m in _SECTION.finditer(Path(path).read_text())]
+        try:
+            text = Path(path).read_text()
+        except OSError as e:
+            raise SystemExit(f"{path}: {e.strerror}") from None
+        sections = [m.group(0) for m in _SECTION.finditer(text)]
         if not sections:
             raise SystemExit(f"{path}: no <!-- bench:NAME --> section in it")
         for section in sections:

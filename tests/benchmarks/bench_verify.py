@@ -142,6 +142,8 @@ def main() -> None:
                     help="instead: the reference and 3 random networks trained 1 epoch with the recipe, one at a "
                          "time and N at a time (nas verify --jobs), alternately twice: wall time of each")
     args = ap.parse_args()
+    if args.compare_jobs is not None and args.compare_jobs < 2:
+        ap.error(f"argument --compare-jobs: {args.compare_jobs} is not 2 or more")
     size = SIZES[args.size]
     supernet, recipe, device = size.supernet, size.recipe, size.device
     work = WORK
