@@ -18,7 +18,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from nas.model import InvertedResidual, Network, block_layout, centre_kernel, init_weights, run_network
+from nas.model import InvertedResidual, Network, block_layout, centre_kernel, channels_last, init_weights, run_network
 from nas.registry import cost_order
 from nas.space import SearchSpace
 from nas.spec import BlockSpec, NetworkSpec
@@ -106,7 +106,7 @@ def recalibrate_bn(model: nn.Module, batches: Iterable[torch.Tensor], spec: Netw
         m.momentum = None
     model.train()
     with torch.no_grad():
-        for x in batches:
+        for x in map(channels_last, batches):
             model(x) if spec is None else model(x, spec)
     for m, mom in zip(bns, momenta, strict=True):
         m.momentum = mom

@@ -28,6 +28,7 @@ from tqdm import tqdm
 from nas._schema import SpecError, digest, ensure_writable, results_root, to_data, write_atomic
 from nas.data import DataSplit, check_classes
 from nas.distributed import all_sum, join
+from nas.model import channels_last
 from nas.space import SearchSpace
 from nas.spec import NetworkSpec
 from nas.supernet import Supernet, recalibrate_bn
@@ -165,8 +166,7 @@ def fit(model: nn.Module, data: DataSplit, settings: TrainSettings, step: Step, 
         sums = torch.zeros(3, dtype=torch.float64, device=device)  # loss x images, correct, images
         t0 = time.perf_counter()
         for i, (x, y) in enumerate(batches):
-            if device.type == "cuda":  # cuDNN's fast layout for convolutions; the results do not change
-                x = x.contiguous(memory_format=torch.channels_last)
+            x = channels_last(x)
             opt.zero_grad(set_to_none=True)
             with _autocast(device):
                 objective, loss, logits = step(net, x, y)
@@ -291,6 +291,7 @@ def evaluate(model: nn.Module, data: DataSplit, *, batch_size: int = 512, device
             if seen >= max_images:
                 break
             x, y = x[:max_images - seen], y[:max_images - seen]
+        x = channels_last(x)
         logits = model(x) if spec is None else model(x, spec)
         correct += (logits.argmax(1) == y).sum().item()
         log_lik -= F.cross_entropy(logits.float(), y, reduction="sum").item()
