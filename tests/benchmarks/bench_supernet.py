@@ -92,7 +92,7 @@ def _train_and_score(space_name: str, dataset: str, settings: TrainSettings, dat
         result = train_supernet(space, data, settings, checkpoint=Path(tmp) / "sn.pt", progress=False)
         seconds = time.perf_counter() - start
     calib = calibration_batches(data)
-    acc = {name: score_subnet(result.supernet, spec, data, calib)
+    acc = {name: score_subnet(result.supernet, spec, data, calib).accuracy
            for name, spec in (("largest", space.largest()), ("smallest", space.smallest()),
                               ("reference", space.reference_spec()))}
     images = len(data.train) // settings.batch_size * settings.batch_size * settings.epochs
