@@ -9,12 +9,13 @@ truth's own noise) with one recipe, and compare. Goals: Kendall tau >= 0.7 over 
 the 10 most proxy-accurate found networks beat the reference stand-alone at no more measured latency; the best
 found >= reference + 1.5 points.
 
-Sizes: ``cpu`` takes about 80 minutes on a 2-core machine; ``gpu`` is sized for one device call on an H200
-(about 8 minutes estimated from the launch-bound step times of an earlier H200 run; see SIZES below), run there by
-tests/benchmarks/on_device.sh; ``tiny`` tries that whole path here in a few minutes (100 images a class, 1
-epoch) and records nothing in BENCHMARKS.md. Work (images, decoded cache, supernet, study, checkpoints) is kept
-under results/benchmarks/cifar10-verify/, so an interrupted run resumes, on a device machine too while it stays
-warm; figures go to $OUT (default results/benchmarks/), which is all that comes back from a device machine.
+Sizes: ``cpu`` takes about 50 minutes on a 2-core machine (80 before training fed channels-last batches); ``gpu``
+is sized for one device call on an H200 (about 8 minutes estimated from the launch-bound step times of an earlier
+H200 run; see SIZES below), run there by tests/benchmarks/on_device.sh; ``tiny`` tries that whole path here in a
+few minutes (100 images a class, 1 epoch) and records nothing in BENCHMARKS.md. Work (images, decoded cache,
+supernet, study, checkpoints) is kept under results/benchmarks/cifar10-verify/, so an interrupted run resumes, on a
+device machine too while it stays warm; figures go to $OUT (default results/benchmarks/), which is all that comes
+back from a device machine.
 """
 
 from __future__ import annotations
