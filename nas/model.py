@@ -198,7 +198,7 @@ def init_weights(module: nn.Module) -> None:
 
 def channels_last(x: torch.Tensor) -> torch.Tensor:
     """A batch in channels-last memory order, as training and scoring feed it: on the CPU oneDNN's convolutions
-    run a step of these networks 2-2.6x faster in it (bench_supernet.py layout), and cuDNN's are fast in it too.
+    run a step of these networks 1.8-2.5x faster in it (bench_supernet.py layout), and cuDNN's are fast in it too.
     Only float rounding differs. Built networks keep the caller's layout (latency tables, export)."""
     return x.contiguous(memory_format=torch.channels_last)
 

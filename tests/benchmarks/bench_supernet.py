@@ -204,7 +204,10 @@ def layout(rounds: int = 7) -> None:
         F.cross_entropy(net(x), y).backward()
 
     def score(x: torch.Tensor) -> None:  # the search's proxy per trial: BN re-estimated, then a forward pass
-        recalibrate_bn(supernet, [x[:128]], space.reference_member())
+        # recalibrate_bn's pass written out: recalibrate_bn itself feeds channels-last whatever it is given.
+        supernet.train()
+        with torch.no_grad():
+            supernet(x[:128], space.reference_member())
         supernet.eval()
         with torch.inference_mode():
             supernet(x, space.reference_member())
