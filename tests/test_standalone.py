@@ -1,6 +1,7 @@
 import json
 import math
 import random
+import statistics
 import subprocess
 import sys
 from pathlib import Path
@@ -16,7 +17,7 @@ from nas.spec import spec_to_dict
 from nas.standalone import rank_agreement
 from nas.study import CONSTRAINT, Reference, SearchConfig, StudyRecord
 from nas.train import TrainSettings
-from nas.verify import select_networks, verify, write_verification
+from nas.verify import Verification, VerifyRow, select_networks, verify, write_verification
 
 
 def test_train_on_digits_beats_chance_by_a_clear_margin(tmp_path: Path) -> None:
@@ -184,6 +185,36 @@ def test_verify_measures_the_ground_truths_own_noise_on_the_reference(tmp_path: 
     assert noisy == (v.network_std <= 2 * v.seed_std) and "stand-alone seed-to-seed noise" in v.format()
     with pytest.raises(nas.SpecError, match=r"^seeds: 0 must be positive$"):
         verify(study, top=2, settings=TrainSettings(), out_dir=tmp_path / "v", progress=False, seeds=0)
+
+
+def _verification(standalone: list[float], seeds: tuple[float, ...]) -> Verification:
+    rows = tuple(VerifyRow(f"n{i}", a, -1.0, a, 1.0, 1.0) for i, a in enumerate(standalone))
+    return Verification("s", "digits", {"epochs": 1}, rows, 1.0, 1.0, 1.0, 0.01, seeds)
+
+
+def test_tau_ceiling_is_what_a_perfect_proxy_scores_against_the_measured_noise() -> None:
+    from scipy.stats import norm
+
+    # Exact ground truth: a perfect proxy ranks it perfectly.
+    assert _verification([0.5, 0.6, 0.7], (0.6, 0.6)).tau_ceiling == (1.0, 1.0, 1.0)
+    # The networks spread no more than one network over seeds: nothing is left to rank.
+    assert _verification([0.50, 0.51, 0.52], (0.50, 0.54)).tau_ceiling == (0.0, 0.0, 0.0)
+    unmeasured = _verification([0.5, 0.6, 0.7], (0.6,))
+    assert all(math.isnan(t) for t in unmeasured.tau_ceiling) and "perfect proxy" not in unmeasured.format()
+    # Against theory: for a normal true spread of variance 3 and noise of variance 1, a bivariate normal with
+    # correlation r = sqrt(3 / 4), whose Kendall tau is (2 / pi) asin(r) = 2/3 (Greiner's relation).
+    n, noise = 60, 0.01
+    spread = math.sqrt(4) * noise  # observed = true + noise: variance 3 + 1 (noise^2 units)
+    observed = [0.6 + spread * norm.ppf((i + 0.5) / n) / statistics.stdev(norm.ppf((k + 0.5) / n) for k in range(n))
+                for i in range(n)]
+    seeds = (0.6 - noise / math.sqrt(2), 0.6 + noise / math.sqrt(2))  # sample std exactly `noise`
+    low, median, high = _verification(observed, seeds).tau_ceiling
+    assert low < median < high and median == pytest.approx(2 / math.pi * math.asin(math.sqrt(3 / 4)), abs=0.03)
+    # 1.5 times the noise: true variance 4 - 2.25, so r = sqrt(1.75 / 4).
+    wider = (0.6 - 1.5 * noise / math.sqrt(2), 0.6 + 1.5 * noise / math.sqrt(2))
+    assert _verification(observed, wider).tau_ceiling[1] == pytest.approx(2 / math.pi * math.asin(math.sqrt(1.75 / 4)),
+                                                                          abs=0.03)
+    assert "a perfect proxy would score Kendall tau" in _verification(observed, seeds).format()
 
 
 def test_verify_trains_in_worker_processes_to_the_same_accuracies(tmp_path: Path) -> None:
