@@ -200,13 +200,17 @@ def main() -> None:
     best = max(found, key=lambda r: r.proxy_accuracy)  # what the search reports as its best architecture
     top10 = sorted(found, key=lambda r: -r.proxy_accuracy)[:10]
     beat = [r for r in top10 if r.standalone_accuracy > ref.standalone_accuracy and r.measured_ms <= ref.measured_ms]
+    # The reference's best estimate is the mean of its seeds; each found network was trained once, as it was.
+    ref_mean = statistics.fmean(v.reference_seed_accuracies)
+    beat_mean = [r for r in top10 if r.standalone_accuracy > ref_mean and r.measured_ms <= ref.measured_ms]
     feasible = int((report.trials["feasible"] == True).sum())  # noqa: E712 - pandas mask
     figures = {"size": args.size, "seed": args.seed, "tau_ceiling": v.tau_ceiling,
                "train_images": len(prepared.data.train), "val_images": len(prepared.data.val),
                "prepare_s": prepare_s, "search_s": search_s, "trials": outcome.completed, "runs": clock.runs,
                "feasible": feasible, "limit_ms": report.limit_ms, "pareto_size": len(report.pareto),
                "verify_s": verify_s, "total_s": total_s, "supernet": supernet.__dict__, "recipe": recipe.__dict__,
-               "beat_reference_of_top10": len(beat), "seed_std": v.seed_std, "network_std": v.network_std,
+               "beat_reference_of_top10": len(beat),
+               "beat_reference_mean_of_top10": len(beat_mean), "seed_std": v.seed_std, "network_std": v.network_std,
                **v.to_json()}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"verify-cifar10-{run}.json").write_text(json.dumps(figures, indent=2))
@@ -218,7 +222,8 @@ def main() -> None:
     gain = best.standalone_accuracy - ref.standalone_accuracy
     lines = [
         f"| wall time, from the JPEG archive to the last figure | {total_s / 60:.1f} min"
-        + (f", over {clock.runs} runs (a run cut short resumed by the next)" if clock.runs > 1 else "") + " |",
+        + (f", over {clock.runs} runs (each resuming the last's work: cut short, or extended)" if clock.runs > 1
+           else "") + " |",
         f"| supernet training ({supernet.epochs} epochs, batch {supernet.batch_size}, {device}) and latency table | "
         f"{prepare_s / 60:.1f} min |",
         f"| search: {outcome.completed} trials, proxy on all {prepared.proxy_images} validation images | "
@@ -239,7 +244,9 @@ def main() -> None:
         f"{len(beat)} |",
         f"| best found ({best.name}) minus reference, stand-alone (goal >= +1.5 points) | {gain * 100:+.2f} points "
         f"({best.standalone_accuracy:.2%} at {best.measured_ms:.3f} ms vs {ref.standalone_accuracy:.2%} at "
-        f"{ref.measured_ms:.3f} ms) |"]
+        f"{ref.measured_ms:.3f} ms) |",
+        f"| the same two against the mean of the reference's {size.seeds} seeds ({ref_mean:.2%}) | {len(beat_mean)} "
+        f"of 10; {(best.standalone_accuracy - ref_mean) * 100:+.2f} points |"]
     write_section(
         f"verify-cifar10-{run}", f"Search truth on CIFAR-10, {args.size} size"
         + (f", seed {args.seed}" if args.seed else "") + " (goals: tau >= 0.7 over >= 12 networks, 7 of 10 found beat "
