@@ -94,6 +94,18 @@ class Verification:
         low, median, high = np.percentile([kendalltau(true, draw).statistic for draw in noisy], [10, 50, 90])
         return float(low), float(median), float(high)
 
+    @property
+    def verdict(self) -> str:
+        """Which limits the ranking, read from tau against the ceiling: the proxy, or the ground truth's noise."""
+        low = self.tau_ceiling[0]
+        if math.isnan(low) or math.isnan(self.kendall_tau):
+            return ""
+        if self.kendall_tau < low:
+            return ("this proxy ranks below that range: the proxy, not the ground truth's noise, limits the ranking "
+                    "(train the supernet longer)")
+        return ("this proxy ranks within reach of a perfect one: only a less noisy ground truth (more epochs) can "
+                "tell them apart")
+
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -115,7 +127,7 @@ class Verification:
             f"{', '.join(f'{a:.2%}' for a in self.reference_seed_accuracies)}: std {self.seed_std:.2%}; "
             f"between the networks: std {self.network_std:.2%}",
             *([] if math.isnan(low) else [f"with that noise a perfect proxy would score Kendall tau {median:.2f} "
-                                          f"(10-90%: {low:.2f} to {high:.2f})"]),
+                                          f"(10-90%: {low:.2f} to {high:.2f}); {self.verdict}"]),
             *(f"! {c}" for c in self.caveats)])
 
     @property
@@ -327,7 +339,7 @@ def write_verification(v: Verification, out_dir: str | os.PathLike[str]) -> dict
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "verify.json", "html": out / "verify.html"}
-    data = {**v.to_json(), "tau_ceiling": list(v.tau_ceiling), "caveats": list(v.caveats)}
+    data = {**v.to_json(), "tau_ceiling": list(v.tau_ceiling), "verdict": v.verdict, "caveats": list(v.caveats)}
     write_json_atomic(data, paths["json"])
     write_atomic(paths["html"], lambda p: verify_figure(v).write_html(p, include_plotlyjs=True))
     return paths

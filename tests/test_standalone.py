@@ -1,3 +1,4 @@
+import dataclasses
 import json
 import math
 import random
@@ -215,6 +216,11 @@ def test_tau_ceiling_is_what_a_perfect_proxy_scores_against_the_measured_noise()
     assert _verification(observed, wider).tau_ceiling[1] == pytest.approx(2 / math.pi * math.asin(math.sqrt(1.75 / 4)),
                                                                           abs=0.03)
     assert "a perfect proxy would score Kendall tau" in _verification(observed, seeds).format()
+    # tau read against that range: here the rows' tau is 1.0 (_verification), above any ceiling; then far below it.
+    assert "within reach of a perfect one" in _verification(observed, seeds).verdict
+    below = dataclasses.replace(_verification(observed, seeds), kendall_tau=low - 0.01)
+    assert "the proxy, not the ground truth's noise, limits the ranking" in below.format()
+    assert unmeasured.verdict == ""
 
 
 def test_verify_trains_in_worker_processes_to_the_same_accuracies(tmp_path: Path) -> None:
