@@ -82,15 +82,14 @@ class Verification:
         every network's); a retraining adds Gaussian noise of that std. No true spread left: 0, nothing to rank.
         Simulated because no closed form covers a handful of networks with ties; seeded, so it is reproducible.
         """
-        seed_var, n = self.seed_std ** 2, len(self.rows)
-        if math.isnan(seed_var) or n < 2:
+        seed_var, spread = self.seed_std ** 2, self.network_std ** 2
+        if math.isnan(seed_var) or math.isnan(spread):  # one seed, or one network
             return (math.nan,) * 3
-        a = np.array([r.standalone_accuracy for r in self.rows])
-        spread = a.var(ddof=1)
         if spread <= seed_var:
             return (0.0,) * 3
+        a = np.array([r.standalone_accuracy for r in self.rows])
         true = a.mean() + (a - a.mean()) * math.sqrt((spread - seed_var) / spread)
-        noisy = true + np.random.default_rng(0).normal(0.0, math.sqrt(seed_var), (CEILING_DRAWS, n))
+        noisy = true + np.random.default_rng(0).normal(0.0, math.sqrt(seed_var), (CEILING_DRAWS, len(a)))
         low, median, high = np.percentile([kendalltau(true, draw).statistic for draw in noisy], [10, 50, 90])
         return float(low), float(median), float(high)
 
@@ -107,7 +106,9 @@ class Verification:
                 "tell them apart")
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """The fields and the figures derived from them, as verify.json holds them."""
+        return {**dataclasses.asdict(self), "seed_std": self.seed_std, "network_std": self.network_std,
+                "tau_ceiling": list(self.tau_ceiling), "verdict": self.verdict, "caveats": list(self.caveats)}
 
     def format(self) -> str:
         table = pd.DataFrame([{"network": r.name, "proxy acc": f"{r.proxy_accuracy:.4f}",
@@ -127,7 +128,8 @@ class Verification:
             f"{', '.join(f'{a:.2%}' for a in self.reference_seed_accuracies)}: std {self.seed_std:.2%}; "
             f"between the networks: std {self.network_std:.2%}",
             *([] if math.isnan(low) else [f"with that noise a perfect proxy would score Kendall tau {median:.2f} "
-                                          f"(10-90%: {low:.2f} to {high:.2f}); {self.verdict}"]),
+                                          f"(10-90%: {low:.2f} to {high:.2f})"
+                                          + (f"; {self.verdict}" if self.verdict else "")]),
             *(f"! {c}" for c in self.caveats)])
 
     @property
@@ -339,7 +341,6 @@ def write_verification(v: Verification, out_dir: str | os.PathLike[str]) -> dict
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     paths = {"json": out / "verify.json", "html": out / "verify.html"}
-    data = {**v.to_json(), "tau_ceiling": list(v.tau_ceiling), "verdict": v.verdict, "caveats": list(v.caveats)}
-    write_json_atomic(data, paths["json"])
+    write_json_atomic(v.to_json(), paths["json"])
     write_atomic(paths["html"], lambda p: verify_figure(v).write_html(p, include_plotlyjs=True))
     return paths

@@ -221,6 +221,8 @@ def test_tau_ceiling_is_what_a_perfect_proxy_scores_against_the_measured_noise()
     below = dataclasses.replace(_verification(observed, seeds), kendall_tau=low - 0.01)
     assert "the proxy, not the ground truth's noise, limits the ranking" in below.format()
     assert unmeasured.verdict == ""
+    undefined = dataclasses.replace(_verification(observed, seeds), kendall_tau=math.nan)
+    assert undefined.verdict == "" and f"to {high:.2f})\n" in undefined.format()  # the range, then no verdict
 
 
 def test_verify_trains_in_worker_processes_to_the_same_accuracies(tmp_path: Path) -> None:

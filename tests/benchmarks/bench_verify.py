@@ -149,6 +149,8 @@ def main() -> None:
                     help="instead: the reference and 3 random networks trained 1 epoch with the recipe, one at a "
                          "time and N at a time (nas verify --jobs), alternately twice: wall time of each")
     args = ap.parse_args()
+    if args.seed and args.noise_epochs:
+        ap.error("argument --seed: not used with --noise-epochs, which trains seeds 0-2")
     if args.compare_jobs is not None and args.compare_jobs < 2:
         ap.error(f"argument --compare-jobs: {args.compare_jobs} is not 2 or more")
     size = SIZES[args.size]
@@ -204,14 +206,13 @@ def main() -> None:
     ref_mean = statistics.fmean(v.reference_seed_accuracies)
     beat_mean = [r for r in top10 if r.standalone_accuracy > ref_mean and r.measured_ms <= ref.measured_ms]
     feasible = int((report.trials["feasible"] == True).sum())  # noqa: E712 - pandas mask
-    figures = {"size": args.size, "seed": args.seed, "tau_ceiling": v.tau_ceiling,
+    figures = {"size": args.size, "seed": args.seed,
                "train_images": len(prepared.data.train), "val_images": len(prepared.data.val),
                "prepare_s": prepare_s, "search_s": search_s, "trials": outcome.completed, "runs": clock.runs,
                "feasible": feasible, "limit_ms": report.limit_ms, "pareto_size": len(report.pareto),
                "verify_s": verify_s, "total_s": total_s, "supernet": supernet.__dict__, "recipe": recipe.__dict__,
                "beat_reference_of_top10": len(beat),
-               "beat_reference_mean_of_top10": len(beat_mean), "seed_std": v.seed_std, "network_std": v.network_std,
-               **v.to_json()}
+               "beat_reference_mean_of_top10": len(beat_mean), **v.to_json()}
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"verify-cifar10-{run}.json").write_text(json.dumps(figures, indent=2))
 
