@@ -99,6 +99,8 @@ class Verification:
         low = self.tau_ceiling[0]
         if math.isnan(low) or math.isnan(self.kendall_tau):
             return ""
+        if self.network_std <= self.seed_std:  # the ceiling's own test: no true spread, so no tau blames the proxy
+            return "the ground truth is all noise: only a less noisy one (more epochs) can rank these networks"
         if self.kendall_tau < low:
             return ("this proxy ranks below that range: the proxy, not the ground truth's noise, limits the ranking "
                     "(train the supernet longer)")

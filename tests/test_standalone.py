@@ -200,6 +200,9 @@ def test_tau_ceiling_is_what_a_perfect_proxy_scores_against_the_measured_noise()
     assert _verification([0.5, 0.6, 0.7], (0.6, 0.6)).tau_ceiling == (1.0, 1.0, 1.0)
     # The networks spread no more than one network over seeds: nothing is left to rank.
     assert _verification([0.50, 0.51, 0.52], (0.50, 0.54)).tau_ceiling == (0.0, 0.0, 0.0)
+    # ...so even a tau of -1 there says nothing about the proxy.
+    all_noise = dataclasses.replace(_verification([0.50, 0.51, 0.52], (0.50, 0.54)), kendall_tau=-1.0)
+    assert all_noise.verdict.startswith("the ground truth is all noise")
     unmeasured = _verification([0.5, 0.6, 0.7], (0.6,))
     assert all(math.isnan(t) for t in unmeasured.tau_ceiling) and "perfect proxy" not in unmeasured.format()
     # Against theory: for a normal true spread of variance 3 and noise of variance 1, a bivariate normal with

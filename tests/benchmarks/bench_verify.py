@@ -336,4 +336,8 @@ def noise(size: str, recipe: TrainSettings, device: str, train: Path, work: Path
 
 
 if __name__ == "__main__":
-    main()
+    from nas import SpecError
+    try:
+        main()
+    except SpecError as e:  # e.g. a latency table the machine has drifted away from: its one line says what to do
+        raise SystemExit(f"error: {e}") from None
