@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from nas._schema import SpecError, write_atomic, write_json_atomic
 from nas.data import DataSplit, load_dataset
-from nas.report import build_report, time_beside_study_reference
+from nas.report import Report, build_report, time_beside_study_reference
 from nas.space import load_space
 from nas.spec import NetworkSpec
 from nas.standalone import checkpoint_for, rank_agreement, train_network
@@ -193,6 +193,17 @@ def select_networks(study: optuna.Study, ranks: dict[int, int], top: int
     return chosen
 
 
+def verified_networks(study: optuna.Study, report: Report, top: int
+                      ) -> list[tuple[str, NetworkSpec, float, float, float]]:
+    """The networks verify retrains, as :func:`select_networks` gives them, then the reference (named
+    "reference") when the study has one."""
+    networks = select_networks(study, {e.trial: e.rank for e in report.pareto}, top)
+    if (ref := report.reference) is not None:
+        ll = math.nan if ref.log_likelihood is None else ref.log_likelihood
+        networks.append(("reference", ref.spec, ref.accuracy, ll, ref.predicted_latency_ms))
+    return networks
+
+
 # One stand-alone training: (spec, its recipe with its seed).
 Training = tuple[NetworkSpec, TrainSettings]
 
@@ -285,10 +296,7 @@ def verify(study: optuna.Study, *, top: int, settings: TrainSettings, device: st
         raise SpecError("seeds", f"{seeds} must be positive")
     report = build_report(study, measure_latency=False)  # only its ranks: verify measures what it trains
     record, ref = report.record, report.reference
-    networks = select_networks(study, {e.trial: e.rank for e in report.pareto}, top)
-    if ref is not None:
-        ll = math.nan if ref.log_likelihood is None else ref.log_likelihood
-        networks.append(("reference", ref.spec, ref.accuracy, ll, ref.predicted_latency_ms))
+    networks = verified_networks(study, report, top)
     # The study's specs carry the data set's class count already (nas.data.load_for at search time).
     c = record.config
     trainings = [(spec, settings) for _, spec, *_ in networks]

@@ -44,3 +44,19 @@ def test_splicing_a_file_without_a_section_names_it(tmp_path: Path, monkeypatch:
     with pytest.raises(SystemExit, match=re.escape(f"{tmp_path / 'absent.md'}: No such file or directory")):
         _report.splice([str(tmp_path / "absent.md")])
     assert not (tmp_path / "BENCHMARKS.md").exists()
+
+
+def test_bench_verify_proxy_changes_are_the_supernet_recipe_settings_and_a_bad_one_is_named() -> None:
+    import bench_verify
+
+    from nas import SpecError
+
+    own = bench_verify.SIZES["cpu"].supernet
+    changed = bench_verify.proxy_variant(own, "epochs=12,label_smoothing=0")
+    assert (changed.epochs, changed.label_smoothing, changed.lr) == (12, 0.0, own.lr)
+    for text, message in [("epochs", "--proxy: 'epochs' is not SETTING=VALUE"),
+                          ("epoch=3", "--proxy.epoch: unknown key"),
+                          ("epochs=x", "--proxy.epochs: expected an integer, got a string"),
+                          ("seed=3", "--proxy.seed: the run's --seed seeds its supernet")]:
+        with pytest.raises(SpecError, match=re.escape(message)):
+            bench_verify.proxy_variant(own, text)
