@@ -53,7 +53,7 @@ from nas.study import (
     within_limit,
 )
 from nas.supernet import Supernet
-from nas.train import calibration_batches, checkpoint_path, score_subnet, train_supernet
+from nas.train import PROXY_CALIBRATION_BATCHES, calibration_batches, checkpoint_path, score_subnet, train_supernet
 
 __all__ = ["DEFAULT_SAMPLER", "SAMPLERS", "Prepared", "SearchConfig", "SearchOutcome", "choose", "prepare",
            "run_search"]
@@ -156,10 +156,8 @@ def prepare(config: SearchConfig, *, progress: bool = True) -> Prepared:
         limit = predictor.predict(reference)
     else:
         raise SpecError("latency_ms", f"space {space.name!r} has no reference member; give a limit in ms")
-    # One batch of 128 training images re-estimates BN statistics as well as two on digits and CIFAR-10,
-    # at half the cost per trial.
-    return Prepared(space, data, trained.supernet, predictor, calibration_batches(data, batches=1, device=device),
-                    device, limit, reference, config.val_images)
+    calibration = calibration_batches(data, batches=PROXY_CALIBRATION_BATCHES, device=device)
+    return Prepared(space, data, trained.supernet, predictor, calibration, device, limit, reference, config.val_images)
 
 
 def choose(trial: optuna.trial.Trial, space: SearchSpace) -> NetworkSpec:

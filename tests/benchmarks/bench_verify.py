@@ -317,7 +317,7 @@ def rescore(size: str, run: str, config: SearchConfig, labels: list[str], varian
     from nas.standalone import rank_agreement
     from nas.study import load_study
     from nas.summary import summarize
-    from nas.train import calibration_batches, checkpoint_path, score_subnet, train_supernet
+    from nas.train import PROXY_CALIBRATION_BATCHES, calibration_batches, checkpoint_path, score_subnet, train_supernet
     from nas.verify import verified_networks
 
     recorded = config.study_dir / "verify.json"
@@ -334,7 +334,7 @@ def rescore(size: str, run: str, config: SearchConfig, labels: list[str], varian
     standalone = list(truth.values())
     space, data = load_for(load_space(config.space), config.dataset, seed=config.seed, data_dir=config.data_dir)
     device = torch.device(config.device)
-    calibration = calibration_batches(data, batches=1, device=device)  # as the search scores (nas.search.prepare)
+    calibration = calibration_batches(data, batches=PROXY_CALIBRATION_BATCHES, device=device)  # as the search scores
     flops = [summarize(spec, latency=False).flops for _, spec, *_ in networks]
     rows = []
     for label, variant in zip(["the run's own", *labels], [config.supernet, *variants], strict=True):
