@@ -48,6 +48,27 @@ class VerifyRow:
 CEILING_DRAWS = 2000  # simulated retrainings behind Verification.tau_ceiling
 
 
+def tau_ceiling(standalone: list[float], seed_std: float) -> tuple[float, float, float]:
+    """The Kendall tau a perfect proxy would score against stand-alone accuracies whose retraining noise has std
+    ``seed_std``: (10th percentile, median, 90th) over simulated retrainings; NaN while the noise is unmeasured.
+
+    Model: each network's true accuracy is its stand-alone one shrunk toward their mean until their variance is
+    the between-network variance less the seed-to-seed variance (the noise measured on one network, taken as
+    every network's); a retraining adds Gaussian noise of that std. No true spread left: 0, nothing to rank.
+    Simulated because no closed form covers a handful of networks with ties; seeded, so it is reproducible.
+    """
+    if len(standalone) < 2 or math.isnan(seed_std):  # one network, or one seed
+        return (math.nan,) * 3
+    seed_var, spread = seed_std ** 2, statistics.variance(standalone)
+    if spread <= seed_var:
+        return (0.0,) * 3
+    a = np.array(standalone)
+    true = a.mean() + (a - a.mean()) * math.sqrt((spread - seed_var) / spread)
+    noisy = true + np.random.default_rng(0).normal(0.0, math.sqrt(seed_var), (CEILING_DRAWS, len(a)))
+    low, median, high = np.percentile([kendalltau(true, draw).statistic for draw in noisy], [10, 50, 90])
+    return float(low), float(median), float(high)
+
+
 @dataclass(frozen=True)
 class Verification:
     study: str
@@ -74,24 +95,8 @@ class Verification:
 
     @functools.cached_property  # simulated: computed once (a frozen dataclass still has a __dict__ to cache in)
     def tau_ceiling(self) -> tuple[float, float, float]:
-        """The Kendall tau a perfect proxy would score against this noisy ground truth: (10th percentile, median,
-        90th) over simulated retrainings; NaN while the noise is unmeasured.
-
-        Model: each network's true accuracy is its stand-alone one shrunk toward their mean until their variance is
-        the between-network variance less the seed-to-seed variance (the noise measured on the reference, taken as
-        every network's); a retraining adds Gaussian noise of that std. No true spread left: 0, nothing to rank.
-        Simulated because no closed form covers a handful of networks with ties; seeded, so it is reproducible.
-        """
-        seed_var, spread = self.seed_std ** 2, self.network_std ** 2
-        if math.isnan(seed_var) or math.isnan(spread):  # one seed, or one network
-            return (math.nan,) * 3
-        if spread <= seed_var:
-            return (0.0,) * 3
-        a = np.array([r.standalone_accuracy for r in self.rows])
-        true = a.mean() + (a - a.mean()) * math.sqrt((spread - seed_var) / spread)
-        noisy = true + np.random.default_rng(0).normal(0.0, math.sqrt(seed_var), (CEILING_DRAWS, len(a)))
-        low, median, high = np.percentile([kendalltau(true, draw).statistic for draw in noisy], [10, 50, 90])
-        return float(low), float(median), float(high)
+        """The Kendall tau a perfect proxy would score against this noisy ground truth (see :func:`tau_ceiling`)."""
+        return tau_ceiling([r.standalone_accuracy for r in self.rows], self.seed_std)
 
     @property
     def verdict(self) -> str:

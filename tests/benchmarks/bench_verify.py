@@ -42,8 +42,12 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import cifar_images, write_section
 
+from nas._schema import to_data
 from nas.report import build_report, write_report
 from nas.search import SearchConfig, prepare, run_search
+from nas.space import SearchSpace
+from nas.spec import NetworkSpec
+from nas.study import StudyRecord
 from nas.train import TrainSettings
 from nas.verify import seed_accuracies_of, verify, write_verification
 
@@ -158,7 +162,15 @@ def main() -> None:
                          "its own supernet and one trained with each of these changes to its recipe (e.g. "
                          "epochs=12, or random_subnets=2,label_smoothing=0), against the stand-alone accuracies it "
                          "measured, beside ranking them by FLOPs and by predicted latency")
+    ap.add_argument("--random", type=int, default=None, metavar="N",
+                    help="with or without --proxy: rank N random members of the space within the run's latency limit "
+                         "instead of the networks it verified, trained stand-alone with its recipe: the proxy's own "
+                         "ranking, which along one front is mostly that front's latency order")
     args = ap.parse_args()
+    if args.random is not None and args.random < 3:
+        ap.error(f"argument --random: {args.random} is not 3 or more")
+    if args.random is not None and args.proxy is None:
+        args.proxy = []
     if sum(x is not None for x in (args.noise_epochs, args.compare_jobs, args.proxy)) > 1:
         ap.error("--noise-epochs, --compare-jobs and --proxy are separate runs: give one")
     if args.seed and args.noise_epochs:
@@ -189,11 +201,11 @@ def main() -> None:
                             study_name=f"cifar10-{run}", seed=args.seed, device=device, results=str(work),
                             data_dir=str(work / "data"), supernet=supernet)
 
-    if args.proxy:
+    if args.proxy is not None:
         variants = [proxy_variant(supernet, text) for text in args.proxy]  # bad input fails before any work
         train = training_images()
         if train is not None:
-            rescore(args.size, run, config_of(train), args.proxy, variants)
+            rescore(args.size, run, config_of(train), args.proxy, variants, recipe, args.random)
         return
     clock = Clock(WORK / f"seconds-{run}.json")
     clock.start("images")
@@ -306,34 +318,85 @@ def proxy_variant(recipe: TrainSettings, text: str) -> TrainSettings:
     return from_data(TrainSettings, {**to_data(recipe), **changes}, path="--proxy")
 
 
-def rescore(size: str, run: str, config: SearchConfig, labels: list[str], variants: list[TrainSettings]) -> None:
+def random_members(config: SearchConfig, record: StudyRecord, space: SearchSpace, n: int
+                   ) -> list[tuple[str, NetworkSpec, float, float, float]]:
+    """``n`` distinct random members of ``space`` (seeded by the run's seed) that the run's latency predictor, at its
+    recorded drift, puts within its limit: networks the search chose among, in verified_networks' form (name, spec,
+    proxy accuracy, log-likelihood, predicted ms; no proxy yet: NaN)."""
+    from nas.latency import load_predictor
+
+    c = record.config
+    predictor = load_predictor(space, device=c.latency_device, root=config.results_dir / "latency",
+                               table=c.latency_table, force=c.latency_table is not None, runtime=c.runtime,
+                               progress=False).with_drift(record.latency_drift)
+    rng, chosen = random.Random(config.seed), {}
+    for _ in range(1000 * n):  # a limit that almost no member meets fails below, not forever
+        spec = space.sample(rng)
+        if spec not in chosen and (ms := predictor.predict(spec)) <= record.latency_limit_ms:
+            chosen[spec] = ms
+            if len(chosen) == n:
+                break
+    else:
+        from nas import SpecError
+        raise SpecError("--random", f"found only {len(chosen)} distinct members within "
+                                    f"{record.latency_limit_ms:.3f} ms in {1000 * n} draws")
+    return [(f"random{i:02d}", spec, math.nan, math.nan, ms) for i, (spec, ms) in enumerate(chosen.items(), 1)]
+
+
+def rescore(size: str, run: str, config: SearchConfig, labels: list[str], variants: list[TrainSettings],
+            recipe: TrainSettings, random_networks: int | None = None) -> None:
     """The networks a finished run verified, re-scored through its own supernet and one trained with each of
     ``variants`` (``labels`` says how each differs), and ranked against the stand-alone accuracies the run measured:
     which supernet recipe ranks better, on one ground truth, at the cost of supernet trainings alone. FLOPs and
-    predicted latency rank them too: a proxy is worth its training only where it ranks better than counting."""
+    predicted latency rank them too: a proxy is worth its training only where it ranks better than counting.
+
+    With ``random_networks``, that many random members within the run's latency limit instead, trained stand-alone
+    with ``recipe`` (the run's; checkpoints beside its verification's, so a cut run resumes): along one Pareto front
+    the proxy's order is the front's latency order, so only networks it did not pick measure its own ranking."""
     from nas import SpecError
     from nas.data import load_for
     from nas.space import load_space
-    from nas.standalone import rank_agreement
+    from nas.standalone import checkpoint_for, rank_agreement
     from nas.study import load_study
     from nas.summary import summarize
-    from nas.train import PROXY_CALIBRATION_BATCHES, calibration_batches, checkpoint_path, score_subnet, train_supernet
-    from nas.verify import verified_networks
+    from nas.train import (
+        PROXY_CALIBRATION_BATCHES,
+        calibration_batches,
+        checkpoint_path,
+        load_checkpoint,
+        score_subnet,
+        train_supernet,
+    )
+    from nas.verify import tau_ceiling, train_all, verified_networks
 
     recorded = config.study_dir / "verify.json"
     if not recorded.exists():
         raise SpecError("", f"no verification to re-score: run bench_verify.py --size {size} (with this --seed) "
                             "first", source=str(recorded))
     verification = json.loads(recorded.read_text())
-    truth = {r["name"]: r["standalone_accuracy"] for r in verification["rows"]}
-    study, _ = load_study(config.name, results=config.results)
-    networks = verified_networks(study, build_report(study, measure_latency=False), SIZES[size].top)
-    if [name for name, *_ in networks] != list(truth):
-        raise SpecError("", f"the study's verified networks {[n for n, *_ in networks]} are not the ones "
-                            f"verify.json ranks {list(truth)}", source=str(recorded))
-    standalone = list(truth.values())
+    study, record = load_study(config.name, results=config.results)
     space, data = load_for(load_space(config.space), config.dataset, seed=config.seed, data_dir=config.data_dir)
     device = torch.device(config.device)
+    train_s = None
+    if random_networks is None:
+        truth = {r["name"]: r["standalone_accuracy"] for r in verification["rows"]}
+        networks = verified_networks(study, build_report(study, measure_latency=False), SIZES[size].top)
+        if [name for name, *_ in networks] != list(truth):
+            raise SpecError("", f"the study's verified networks {[n for n, *_ in networks]} are not the ones "
+                                f"verify.json ranks {list(truth)}", source=str(recorded))
+        standalone, (low, median, high) = list(truth.values()), verification["tau_ceiling"]
+    else:
+        networks = random_members(config, record, space, random_networks)
+        out = config.study_dir / "verify"
+        standalone = train_all([(spec, recipe) for _, spec, *_ in networks],
+                               (config.dataset, space.input.resolution, config.seed, config.data_dir),
+                               device=config.device, out_dir=out, jobs=SIZES[size].jobs)
+        # As trained, from each checkpoint's history: a resumed run's wall time would count only its own share.
+        train_s = sum(h["seconds"] for _, spec, *_ in networks for h in load_checkpoint(
+            checkpoint_for(spec, data, recipe, None, out / "checkpoints"))["history"])
+        # The ground truth's noise as the run measured it on the reference, with this recipe.
+        seed_std = statistics.stdev(verification["reference_seed_accuracies"])
+        low, median, high = tau_ceiling(standalone, seed_std)
     calibration = calibration_batches(data, batches=PROXY_CALIBRATION_BATCHES, device=device)  # as the search scores
     flops = [summarize(spec, latency=False).flops for _, spec, *_ in networks]
     rows = []
@@ -346,43 +409,64 @@ def rescore(size: str, run: str, config: SearchConfig, labels: list[str], varian
                   for _, spec, *_ in networks]
         accuracy = [sc.accuracy for sc in scores]
         tau, rho = rank_agreement(accuracy, standalone)
+        # the run's own supernet should score as the study recorded: a check that this is its proxy (random
+        # networks have no recorded proxy: NaN)
+        gaps = [abs(a - p) for a, (_, _, p, *_) in zip(accuracy, networks, strict=True) if not math.isnan(p)]
         rows.append({"supernet": label, "settings": dataclasses.asdict(settings), "supernet_s": seconds,
                      "kendall_tau": tau, "spearman_rho": rho,
                      "kendall_tau_log_likelihood": rank_agreement([sc.log_likelihood for sc in scores], standalone)[0],
                      "proxy_std": statistics.stdev(accuracy), "proxy_accuracy": accuracy,
-                     # the run's own supernet should score as the study recorded: a check that this is its proxy
-                     "max_gap_to_study": max(abs(a - p) for a, (_, _, p, *_) in zip(accuracy, networks, strict=True))})
+                     "max_gap_to_study": max(gaps, default=math.nan)})
         print({k: v for k, v in rows[-1].items() if k != "proxy_accuracy"}, flush=True)
     flops_tau, flops_rho = rank_agreement(flops, standalone)
     # Along one Pareto front the proxy rises with predicted latency by construction, so the run's own tau is mostly
     # this one: how far stand-alone accuracy rises with latency among the networks the search picked.
     latency_tau, latency_rho = rank_agreement([ms for *_, ms in networks], standalone)
+    kind = "" if random_networks is None else f"-random{random_networks}"
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"verify-proxy-{run}.json").write_text(json.dumps(
-        {"networks": list(truth), "standalone": standalone, "flops": flops, "flops_kendall_tau": flops_tau,
-         "latency_kendall_tau": latency_tau, "tau_ceiling": verification["tau_ceiling"], "rows": rows}, indent=2))
-    low, median, high = verification["tau_ceiling"]
+    (OUT / f"verify-proxy{kind}-{run}.json").write_text(json.dumps(
+        {"networks": [name for name, *_ in networks], "specs": [to_data(spec) for _, spec, *_ in networks],
+         "standalone": standalone, "standalone_s": train_s, "predicted_ms": [ms for *_, ms in networks],
+         "flops": flops, "flops_kendall_tau": flops_tau, "latency_kendall_tau": latency_tau,
+         "tau_ceiling": [low, median, high], "rows": rows}, indent=2))
     table = ["| supernet | supernet training | proxy std between networks | Kendall tau / Spearman rho | "
              "tau by log-likelihood | largest gap to the study's proxy |", "|---|---|---|---|---|---|"]
     table += [f"| {r['supernet']} | {r['supernet_s'] / 60:.1f} min | {r['proxy_std']:.2%} | {r['kendall_tau']:.3f} / "
-              f"{r['spearman_rho']:.3f} | {r['kendall_tau_log_likelihood']:.3f} | {r['max_gap_to_study']:.2%} |"
-              for r in rows]
+              f"{r['spearman_rho']:.3f} | {r['kendall_tau_log_likelihood']:.3f} | "
+              + ("- |" if math.isnan(r["max_gap_to_study"]) else f"{r['max_gap_to_study']:.2%} |") for r in rows]
     table.append(f"| FLOPs (torch.utils.flop_counter), no training | | | {flops_tau:.3f} / {flops_rho:.3f} | | |")
     table.append(f"| the study's predicted latency, no training | | | {latency_tau:.3f} / {latency_rho:.3f} | | |")
     seed = f" --seed {config.seed}" if config.seed else ""
+    n = len(networks)
+    flags = (f" --random {random_networks}" if random_networks else "") + (f" --proxy {' '.join(labels)}" if labels
+                                                                          else "")
+    if random_networks is None:
+        title = "Which supernet recipe ranks better?"
+        what = (f"the {n} networks that `bench_verify.py --size {size}{seed}` verified (its section, "
+                f"`verify-cifar10-{run}`), re-scored")
+        truth_text = "the stand-alone accuracies that run measured. The ground truth is the same in every row"
+    else:
+        title = "Does the supernet rank networks the search did not pick?"
+        what = (f"{n} distinct random members of the space (seed {config.seed}) within the "
+                f"{record.latency_limit_ms:.3f} ms limit of the run `bench_verify.py --size {size}{seed}` "
+                f"(its study's latency predictor and drift), "
+                f"trained stand-alone with its recipe ({recipe.epochs} epochs, batch {recipe.batch_size}, lr "
+                f"{recipe.lr} cosine, label smoothing {recipe.label_smoothing}, random crop and flip"
+                + f"; {train_s / 60:.1f} min of training in all" + f"; stand-alone std between "
+                f"them {statistics.stdev(standalone):.2%}, the reference's seed-to-seed std in that run "
+                f"{seed_std:.2%}), scored")
+        truth_text = "those stand-alone accuracies. The ground truth is the same in every row"
     write_section(
-        f"verify-proxy-{run}", f"Which supernet recipe ranks better? ({size} size"
-        + (f", seed {config.seed}" if config.seed else "") + ", one ground truth)",
-        f"`python tests/benchmarks/bench_verify.py --size {size}{seed} --proxy {' '.join(labels)}`: "
-        f"the {len(networks)} networks that `bench_verify.py --size {size}{seed}` verified (its section, "
-        f"`verify-cifar10-{run}`), re-scored "
+        f"verify-proxy{kind}-{run}", f"{title} ({size} size" + (f", seed {config.seed}" if config.seed else "")
+        + ", one ground truth)",
+        f"`python tests/benchmarks/bench_verify.py --size {size}{seed}{flags}`: {what} "
         f"through its own supernet ({config.supernet.epochs} epochs, batch {config.supernet.batch_size}, lr "
         f"{config.supernet.lr} cosine, {config.supernet.random_subnets} random subnet(s) a step, label smoothing "
-        f"{config.supernet.label_smoothing}) and through one trained with each change named (the same split and "
-        f"seed), on all {len(data.val)} validation images with BN recalibrated as the search does, and "
-        f"ranked against the stand-alone accuracies that run measured. The ground truth is the same in every row, so "
-        f"the rows compare as pairs; a tau over {len(networks)} networks still has a standard error of "
-        f"{math.sqrt(2 * (2 * len(networks) + 5) / (9 * len(networks) * (len(networks) - 1))):.2f} (no correlation). A "
+        f"{config.supernet.label_smoothing})" + (" and through one trained with each change named (the same split "
+                                                  "and seed)" if labels else "")
+        + f", on all {len(data.val)} validation images with BN recalibrated as the search does, and ranked against "
+        f"{truth_text}, so the rows compare as pairs; a tau over {n} networks still has a standard error of "
+        f"{math.sqrt(2 * (2 * n + 5) / (9 * n * (n - 1))):.2f} (no correlation). A "
         f"perfect proxy would score {median:.2f} ({low:.2f} to {high:.2f}) against it. Supernet training time is "
         f"as its checkpoint recorded it, summed over epochs (this machine's speed drifts up to 1.8x).\n\n"
         + "\n".join(table), record=SIZES[size].record)
