@@ -31,7 +31,7 @@ from nas.model import Network, build_model
 from nas.runtime import INPUT, pte_method, quantize_int8, require, session, to_onnx, to_pte
 from nas.spec import NetworkSpec, save_spec
 from nas.supernet import Supernet, recalibrate_bn
-from nas.train import PROXY_CALIBRATION_BATCHES, calibration_batches, load_checkpoint, precise_bn
+from nas.train import calibration_batches, load_checkpoint, precise_bn
 
 FORMATS = ("onnx", "executorch", "torchscript", "exported", "state_dict")
 MODEL_FILES = {"onnx": "model.onnx", "executorch": "model.pte", "torchscript": "model.torchscript.pt",
@@ -110,7 +110,7 @@ def from_study(study_name: str, *, spec: NetworkSpec | None = None, rank: int | 
     supernet = Supernet(space)
     supernet.load_state_dict(ckpt["model"])
     model = supernet.extract(spec)  # a SpecError naming the choice when the spec is not a member of the space
-    recalibrate_bn(model, calibration_batches(data, batches=PROXY_CALIBRATION_BATCHES))  # as the search scores it
+    recalibrate_bn(model, calibration_batches(data, batches=record.calibration_batches))  # as the search scored it
     return Weights(spec, model.eval(), data, {"kind": "supernet", "study": study_name, "path": str(path),
                                               "epochs": ckpt["epoch"], "rank": rank})
 

@@ -53,7 +53,7 @@ from nas.study import (
     within_limit,
 )
 from nas.supernet import Supernet
-from nas.train import PROXY_CALIBRATION_BATCHES, calibration_batches, checkpoint_path, score_subnet, train_supernet
+from nas.train import calibration_batches, checkpoint_path, proxy_calibration_batches, score_subnet, train_supernet
 
 __all__ = ["DEFAULT_SAMPLER", "SAMPLERS", "Prepared", "SearchConfig", "SearchOutcome", "choose", "prepare",
            "run_search"]
@@ -127,7 +127,12 @@ class Prepared:
 
     @property
     def proxy_images(self) -> int:
-        return len(self.data.val) if self.val_images is None else min(self.val_images, len(self.data.val))
+        return proxy_images(self.data, self.val_images)
+
+
+def proxy_images(data: DataSplit, val_images: int | None) -> int:
+    """How many validation images the proxy scores each trial on: the first ``val_images``, or all."""
+    return len(data.val) if val_images is None else min(val_images, len(data.val))
 
 
 def prepare(config: SearchConfig, *, progress: bool = True) -> Prepared:
@@ -156,7 +161,8 @@ def prepare(config: SearchConfig, *, progress: bool = True) -> Prepared:
         limit = predictor.predict(reference)
     else:
         raise SpecError("latency_ms", f"space {space.name!r} has no reference member; give a limit in ms")
-    calibration = calibration_batches(data, batches=PROXY_CALIBRATION_BATCHES, device=device)
+    calibration = calibration_batches(data, batches=proxy_calibration_batches(proxy_images(data, config.val_images)),
+                                      device=device)
     return Prepared(space, data, trained.supernet, predictor, calibration, device, limit, reference, config.val_images)
 
 
@@ -258,6 +264,9 @@ def _search(config: SearchConfig, progress: bool, prepared: Prepared | None, sto
                   f"{record.latency_limit_ms:.3f} ms (this run measured x{p.predictor.drift:.3f})", file=sys.stderr)
         p = dataclasses.replace(p, predictor=p.predictor.with_drift(record.latency_drift),
                                 limit_ms=record.latency_limit_ms)
+    if record.calibration_batches != len(p.calibration):  # a study of an older version: score as its trials were
+        p = dataclasses.replace(p, calibration=calibration_batches(p.data, batches=record.calibration_batches,
+                                                                   device=p.device))
     study_id = storage.get_study_id_from_name(config.name)
     study.sampler = make_sampler(config.sampler, _worker_seed(storage, study_id, config))
     scored = _Scored()
@@ -381,7 +390,8 @@ def _record(study: optuna.Study, config: SearchConfig, p: Prepared) -> StudyReco
     """The study's record: this run's when the study is new (with the reference scored), else the stored one,
     refusing a run whose defining settings differ."""
     mine = StudyRecord(config, p.space.name, p.space.num_classes, p.limit_ms, p.predictor.fingerprint,
-                       latency_drift=p.predictor.drift, proxy_images=p.proxy_images)
+                       latency_drift=p.predictor.drift, proxy_images=p.proxy_images,
+                       calibration_batches=len(p.calibration))
     try:
         record = StudyRecord.load(study)
     except SpecError:

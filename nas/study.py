@@ -145,6 +145,8 @@ class StudyRecord:
     # predicts with it, so its trials stay comparable (1.0: not calibrated, a table from another machine).
     latency_drift: float = 1.0
     proxy_images: int | None = None  # validation images each trial is scored on (None: not recorded)
+    # batches of training images each trial's BN statistics are re-estimated on (1: studies of older versions)
+    calibration_batches: int = 1
 
     def proxy_stderr(self, accuracy: float) -> float:
         """The binomial standard error of a proxy accuracy of this study (NaN when the image count is unknown)."""

@@ -34,10 +34,19 @@ from nas.spec import NetworkSpec
 from nas.supernet import Supernet, recalibrate_bn
 
 CHECKPOINT_VERSION = 1
-# How the search's proxy re-estimates a subnet's BN statistics (nas.search.prepare), and so everything that must score
-# as it does (deploying a supernet member, re-scoring a run): one batch of 128 training images does as well as two on
-# digits and CIFAR-10, at half the cost per trial.
-PROXY_CALIBRATION_BATCHES = 1
+CALIBRATION_BATCH = 128  # images per batch of BN recalibration
+
+
+def proxy_calibration_batches(proxy_images: int) -> int:
+    """Batches of training images the search's proxy re-estimates each subnet's BN statistics on, for a proxy that
+    scores ``proxy_images`` validation images: one per five batches scored, at least one.
+
+    Which images calibrate moves a subnet's proxy accuracy. On CIFAR-10's 10,000 validation images it moved by
+    0.20-0.33 points per network with one batch, 0.14-0.19 with 4 and 0.08-0.15 with 16, against 0.7-1.9 points
+    between the networks ranked (tests/benchmarks/bench_verify.py --calibration; results/BENCHMARKS.md). At a fifth
+    of the images scored, calibration costs about a fifth of a trial; digits (359 validation images) keep one batch.
+    """
+    return max(1, round(proxy_images / (5 * CALIBRATION_BATCH)))
 
 
 @dataclass(frozen=True)
@@ -245,11 +254,12 @@ def _optimizer_to(opt: torch.optim.Optimizer, device: torch.device) -> None:
                 state[k] = v.to(device)
 
 
-def calibration_batches(data: DataSplit, *, batches: int = 4, batch_size: int = 128, device: torch.device | str = "cpu"
-                        ) -> list[torch.Tensor]:
-    """A fixed set of training images (not augmented) for BN recalibration, the same for every subnet scored."""
+def calibration_batches(data: DataSplit, *, batches: int = 4, batch_size: int = CALIBRATION_BATCH,
+                        device: torch.device | str = "cpu", seed: int = 12345) -> list[torch.Tensor]:
+    """A fixed set of training images (not augmented) for BN recalibration, the same for every subnet scored
+    (another ``seed``, another set: only to measure how much the set matters)."""
     out = []
-    for x, _ in data.batches("train", batch_size, shuffle=True, seed=12345, device=device):
+    for x, _ in data.batches("train", batch_size, shuffle=True, seed=seed, device=device):
         out.append(x)
         if len(out) == batches:
             break

@@ -193,6 +193,33 @@ def test_repeated_architectures_reuse_their_values_and_workers_draw_their_own_st
     assert seeds[0] == 5 and len(set(seeds)) == 3  # the first run keeps --seed: a lone search is reproducible
 
 
+def test_bn_calibration_grows_with_the_images_scored_and_a_study_keeps_its_own(work: Path, tmp_path: Path) -> None:
+    import dataclasses
+    import shutil
+
+    from nas.search import prepare, run_search
+    from nas.study import LOG_LIKELIHOOD_ATTR, SearchConfig, load_study
+    from nas.train import calibration_batches, proxy_calibration_batches, score_subnet
+    assert [proxy_calibration_batches(n) for n in (1, 359, 960, 10_000)] == [1, 1, 2, 16]
+    shutil.copytree(work / "results", tmp_path / "results")  # the module's study, supernet and table
+    name, results = "mobilenetv3_compact-digits", tmp_path / "results"
+    study, record = load_study(name, results=results)
+    assert record.calibration_batches == 1  # digits: 359 validation images scored
+    # As if its trials had been scored on 2 batches: a rerun must score new trials as they were.
+    StudyRecord.save(dataclasses.replace(record, calibration_batches=2), study)
+    config = SearchConfig(budget=len(study.trials) + 1, sampler="random", device="cpu", results=str(results),
+                          supernet=TrainSettings(epochs=1))
+    p = prepare(config, progress=False)
+    assert len(p.calibration) == 1  # what a new study of these settings would use
+    run_search(config, prepared=p, progress=False)
+    trial = load_study(name, results=results)[0].trials[-1]
+    assert "duplicate_of" not in trial.user_attrs
+    spec = trial_spec(trial)
+    two, one = (score_subnet(p.supernet, spec, p.data, calibration_batches(p.data, batches=n)) for n in (2, 1))
+    assert trial.user_attrs[LOG_LIKELIHOOD_ATTR] == pytest.approx(two.log_likelihood, abs=1e-6)
+    assert two.log_likelihood != pytest.approx(one.log_likelihood, abs=1e-6)
+
+
 def test_ctrl_c_stops_after_the_current_trial(work: Path) -> None:
     db = work / "results" / "sigint" / "study.db"
     proc = start("search", "--budget", "500", "--study-name", "sigint", *FAST, cwd=work)

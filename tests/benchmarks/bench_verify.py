@@ -9,7 +9,9 @@ the ground truth's own noise, and from it the tau a perfect proxy would score) w
 Another --seed is an independent replicate of the whole benchmark, recorded in a section of its own.
 --proxy SETTING=VALUE... re-scores a finished run's verified networks through supernets trained with changed
 recipes, against the stand-alone accuracies it measured: proxies compared on one ground truth, for supernet
-trainings alone.
+trainings alone. --random N ranks N random members within the run's latency limit instead (trained stand-alone
+with its recipe): the proxy's own ranking, where a front's is mostly its latency order. --calibration N... scores
+them with BN re-estimated on N batches, from two sets of images: how far the set alone moves the proxy.
 Goals: Kendall tau >= 0.7 over >= 12 networks; at least 7 of the 10 most proxy-accurate found networks beat the
 reference stand-alone at no more measured latency; the best found >= reference + 1.5 points.
 
@@ -43,11 +45,13 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import cifar_images, write_section
 
 from nas._schema import to_data
+from nas.data import DataSplit
 from nas.report import build_report, write_report
 from nas.search import SearchConfig, prepare, run_search
 from nas.space import SearchSpace
 from nas.spec import NetworkSpec
 from nas.study import StudyRecord
+from nas.supernet import Supernet
 from nas.train import TrainSettings
 from nas.verify import seed_accuracies_of, verify, write_verification
 
@@ -166,13 +170,19 @@ def main() -> None:
                     help="with or without --proxy: rank N random members of the space within the run's latency limit "
                          "instead of the networks it verified, trained stand-alone with its recipe: the proxy's own "
                          "ranking, which along one front is mostly that front's latency order")
+    ap.add_argument("--calibration", type=int, nargs="+", default=None, metavar="N",
+                    help="instead: score a finished run's verified networks (or --random N's) through its own "
+                         "supernet with BN re-estimated on N batches of training images, from two sets: how far the "
+                         "set alone moves the proxy")
     args = ap.parse_args()
     if args.random is not None and args.random < 3:
         ap.error(f"argument --random: {args.random} is not 3 or more")
-    if args.random is not None and args.proxy is None:
+    if args.calibration is not None and min(args.calibration) < 1:
+        ap.error(f"argument --calibration: {min(args.calibration)} is not positive")
+    if args.random is not None and args.proxy is None and args.calibration is None:
         args.proxy = []
-    if sum(x is not None for x in (args.noise_epochs, args.compare_jobs, args.proxy)) > 1:
-        ap.error("--noise-epochs, --compare-jobs and --proxy are separate runs: give one")
+    if sum(x is not None for x in (args.noise_epochs, args.compare_jobs, args.proxy, args.calibration)) > 1:
+        ap.error("--noise-epochs, --compare-jobs, --proxy and --calibration are separate runs: give one")
     if args.seed and args.noise_epochs:
         ap.error("argument --seed: not used with --noise-epochs, which trains seeds 0-2")
     if args.compare_jobs is not None and args.compare_jobs < 2:
@@ -201,11 +211,17 @@ def main() -> None:
                             study_name=f"cifar10-{run}", seed=args.seed, device=device, results=str(work),
                             data_dir=str(work / "data"), supernet=supernet)
 
-    if args.proxy is not None:
-        variants = [proxy_variant(supernet, text) for text in args.proxy]  # bad input fails before any work
+    if args.proxy is not None or args.calibration is not None:
+        variants = [proxy_variant(supernet, text) for text in args.proxy or []]  # bad input fails before any work
         train = training_images()
-        if train is not None:
-            rescore(args.size, run, config_of(train), args.proxy, variants, recipe, args.random)
+        if train is None:
+            return
+        config = config_of(train)
+        truth = ground_truth(args.size, run, config, recipe, args.random)
+        if args.calibration is not None:
+            calibration_noise(args.size, run, config, args.calibration, truth)
+        else:
+            rescore(args.size, run, config, args.proxy, variants, truth)
         return
     clock = Clock(WORK / f"seconds-{run}.json")
     clock.start("images")
@@ -343,30 +359,32 @@ def random_members(config: SearchConfig, record: StudyRecord, space: SearchSpace
     return [(f"random{i:02d}", spec, math.nan, math.nan, ms) for i, (spec, ms) in enumerate(chosen.items(), 1)]
 
 
-def rescore(size: str, run: str, config: SearchConfig, labels: list[str], variants: list[TrainSettings],
-            recipe: TrainSettings, random_networks: int | None = None) -> None:
-    """The networks a finished run verified, re-scored through its own supernet and one trained with each of
-    ``variants`` (``labels`` says how each differs), and ranked against the stand-alone accuracies the run measured:
-    which supernet recipe ranks better, on one ground truth, at the cost of supernet trainings alone. FLOPs and
-    predicted latency rank them too: a proxy is worth its training only where it ranks better than counting.
+@dataclasses.dataclass(frozen=True)
+class GroundTruth:
+    """Networks of a finished run and their stand-alone accuracies, what --proxy and --calibration rank."""
 
-    With ``random_networks``, that many random members within the run's latency limit instead, trained stand-alone
-    with ``recipe`` (the run's; checkpoints beside its verification's, so a cut run resumes): along one Pareto front
-    the proxy's order is the front's latency order, so only networks it did not pick measure its own ranking."""
+    networks: list[tuple[str, NetworkSpec, float, float, float]]  # as verified_networks gives them
+    standalone: list[float]
+    ceiling: tuple[float, float, float]  # the tau a perfect proxy would score: 10%, median, 90%
+    record: StudyRecord
+    space: SearchSpace
+    data: DataSplit
+    kind: str  # "" for the networks the run verified, "-randomN" for N random members
+    text: str  # what the networks are and how their accuracies were measured, for a section's text
+
+
+def ground_truth(size: str, run: str, config: SearchConfig, recipe: TrainSettings, random_networks: int | None
+                 ) -> GroundTruth:
+    """The networks a finished run verified and the stand-alone accuracies it measured; or, with
+    ``random_networks``, that many random members within its latency limit, trained stand-alone with ``recipe`` (the
+    run's; checkpoints beside its verification's, so a cut run resumes). Along one Pareto front the proxy's order
+    is the front's latency order, so only networks the search did not pick measure the proxy's own ranking."""
     from nas import SpecError
     from nas.data import load_for
     from nas.space import load_space
-    from nas.standalone import checkpoint_for, rank_agreement
+    from nas.standalone import checkpoint_for
     from nas.study import load_study
-    from nas.summary import summarize
-    from nas.train import (
-        PROXY_CALIBRATION_BATCHES,
-        calibration_batches,
-        checkpoint_path,
-        load_checkpoint,
-        score_subnet,
-        train_supernet,
-    )
+    from nas.train import load_checkpoint
     from nas.verify import tau_ceiling, train_all, verified_networks
 
     recorded = config.study_dir / "verify.json"
@@ -376,43 +394,85 @@ def rescore(size: str, run: str, config: SearchConfig, labels: list[str], varian
     verification = json.loads(recorded.read_text())
     study, record = load_study(config.name, results=config.results)
     space, data = load_for(load_space(config.space), config.dataset, seed=config.seed, data_dir=config.data_dir)
-    device = torch.device(config.device)
-    train_s = None
+    seed = f" --seed {config.seed}" if config.seed else ""
     if random_networks is None:
         truth = {r["name"]: r["standalone_accuracy"] for r in verification["rows"]}
         networks = verified_networks(study, build_report(study, measure_latency=False), SIZES[size].top)
         if [name for name, *_ in networks] != list(truth):
             raise SpecError("", f"the study's verified networks {[n for n, *_ in networks]} are not the ones "
                                 f"verify.json ranks {list(truth)}", source=str(recorded))
-        standalone, (low, median, high) = list(truth.values()), verification["tau_ceiling"]
-    else:
-        networks = random_members(config, record, space, random_networks)
-        out = config.study_dir / "verify"
-        standalone = train_all([(spec, recipe) for _, spec, *_ in networks],
-                               (config.dataset, space.input.resolution, config.seed, config.data_dir),
-                               device=config.device, out_dir=out, jobs=SIZES[size].jobs)
-        # As trained, from each checkpoint's history: a resumed run's wall time would count only its own share.
-        train_s = sum(h["seconds"] for _, spec, *_ in networks for h in load_checkpoint(
-            checkpoint_for(spec, data, recipe, None, out / "checkpoints"))["history"])
-        # The ground truth's noise as the run measured it on the reference, with this recipe.
-        seed_std = statistics.stdev(verification["reference_seed_accuracies"])
-        low, median, high = tau_ceiling(standalone, seed_std)
-    calibration = calibration_batches(data, batches=PROXY_CALIBRATION_BATCHES, device=device)  # as the search scores
+        return GroundTruth(networks, list(truth.values()), tuple(verification["tau_ceiling"]), record, space, data,
+                           "", f"the {len(networks)} networks that `bench_verify.py --size {size}{seed}` verified "
+                               f"(its section, `verify-cifar10-{run}`), ranked against the stand-alone accuracies "
+                               "that run measured")
+    networks = random_members(config, record, space, random_networks)
+    out = config.study_dir / "verify"
+    standalone = train_all([(spec, recipe) for _, spec, *_ in networks],
+                           (config.dataset, space.input.resolution, config.seed, config.data_dir),
+                           device=config.device, out_dir=out, jobs=SIZES[size].jobs)
+    # As trained, from each checkpoint's history: a resumed run's wall time would count only its own share.
+    train_s = sum(h["seconds"] for _, spec, *_ in networks for h in load_checkpoint(
+        checkpoint_for(spec, data, recipe, None, out / "checkpoints"))["history"])
+    # The ground truth's noise as the run measured it on the reference, with this recipe.
+    seed_std = statistics.stdev(verification["reference_seed_accuracies"])
+    return GroundTruth(
+        networks, standalone, tau_ceiling(standalone, seed_std), record, space, data, f"-random{random_networks}",
+        f"{len(networks)} distinct random members of the space (seed {config.seed}) within the "
+        f"{record.latency_limit_ms:.3f} ms limit of the run `bench_verify.py --size {size}{seed}` (its study's "
+        f"latency predictor and drift), ranked against their accuracies trained stand-alone with its recipe "
+        f"({recipe.epochs} epochs, batch {recipe.batch_size}, lr {recipe.lr} cosine, label smoothing "
+        f"{recipe.label_smoothing}, random crop and flip; {train_s / 60:.1f} min of training in all; std between them "
+        f"{statistics.stdev(standalone):.2%}, the reference's seed-to-seed std in that run {seed_std:.2%})")
+
+
+def _tau_note(truth: GroundTruth) -> str:
+    n, (low, median, high) = len(truth.networks), truth.ceiling
+    return (f"The ground truth is the same in every row, so the rows compare as pairs; a tau over {n} networks still "
+            f"has a standard error of {math.sqrt(2 * (2 * n + 5) / (9 * n * (n - 1))):.2f} (no correlation). A "
+            f"perfect proxy would score {median:.2f} ({low:.2f} to {high:.2f}) against it.")
+
+
+def _own_supernet(config: SearchConfig) -> str:
+    s = config.supernet
+    return (f"its own supernet ({s.epochs} epochs, batch {s.batch_size}, lr {s.lr} cosine, {s.random_subnets} random "
+            f"subnet(s) a step, label smoothing {s.label_smoothing})")
+
+
+def _supernet(config: SearchConfig, truth: GroundTruth, settings: TrainSettings) -> tuple[Supernet, float]:
+    """A supernet of the run's space and data trained with ``settings`` (the run's seed), cached beside the run's own;
+    and its training seconds as its checkpoint recorded them."""
+    from nas.train import checkpoint_path, train_supernet
+
+    settings = dataclasses.replace(settings, seed=config.seed)
+    trained = train_supernet(truth.space, truth.data, settings, device=config.device,
+                             checkpoint=checkpoint_path(truth.space, truth.data, settings,
+                                                        config.results_dir / "supernets"))
+    return trained.supernet, sum(h["seconds"] for h in trained.history)  # a reused checkpoint keeps its history
+
+
+def rescore(size: str, run: str, config: SearchConfig, labels: list[str], variants: list[TrainSettings],
+            truth: GroundTruth) -> None:
+    """A ground truth's networks scored through the run's own supernet and one trained with each of ``variants``
+    (``labels`` says how each differs), BN recalibrated as the run's search did: which supernet recipe ranks better,
+    on one ground truth, at the cost of supernet trainings alone. FLOPs and predicted latency rank them too: a proxy
+    is worth its training only where it ranks better than counting."""
+    from nas.standalone import rank_agreement
+    from nas.summary import summarize
+    from nas.train import calibration_batches, score_subnet
+
+    device, networks, standalone = torch.device(config.device), truth.networks, truth.standalone
+    calibration = calibration_batches(truth.data, batches=truth.record.calibration_batches, device=device)
     flops = [summarize(spec, latency=False).flops for _, spec, *_ in networks]
     rows = []
     for label, variant in zip(["the run's own", *labels], [config.supernet, *variants], strict=True):
-        settings = dataclasses.replace(variant, seed=config.seed)
-        trained = train_supernet(space, data, settings, device=device,
-                                 checkpoint=checkpoint_path(space, data, settings, config.results_dir / "supernets"))
-        seconds = sum(h["seconds"] for h in trained.history)  # as trained: a reused checkpoint keeps its history
-        scores = [score_subnet(trained.supernet, spec, data, calibration, device=device)
-                  for _, spec, *_ in networks]
+        supernet, seconds = _supernet(config, truth, variant)
+        scores = [score_subnet(supernet, spec, truth.data, calibration, device=device) for _, spec, *_ in networks]
         accuracy = [sc.accuracy for sc in scores]
         tau, rho = rank_agreement(accuracy, standalone)
         # the run's own supernet should score as the study recorded: a check that this is its proxy (random
         # networks have no recorded proxy: NaN)
         gaps = [abs(a - p) for a, (_, _, p, *_) in zip(accuracy, networks, strict=True) if not math.isnan(p)]
-        rows.append({"supernet": label, "settings": dataclasses.asdict(settings), "supernet_s": seconds,
+        rows.append({"supernet": label, "settings": dataclasses.asdict(variant), "supernet_s": seconds,
                      "kendall_tau": tau, "spearman_rho": rho,
                      "kendall_tau_log_likelihood": rank_agreement([sc.log_likelihood for sc in scores], standalone)[0],
                      "proxy_std": statistics.stdev(accuracy), "proxy_accuracy": accuracy,
@@ -422,13 +482,12 @@ def rescore(size: str, run: str, config: SearchConfig, labels: list[str], varian
     # Along one Pareto front the proxy rises with predicted latency by construction, so the run's own tau is mostly
     # this one: how far stand-alone accuracy rises with latency among the networks the search picked.
     latency_tau, latency_rho = rank_agreement([ms for *_, ms in networks], standalone)
-    kind = "" if random_networks is None else f"-random{random_networks}"
     OUT.mkdir(parents=True, exist_ok=True)
-    (OUT / f"verify-proxy{kind}-{run}.json").write_text(json.dumps(
+    (OUT / f"verify-proxy{truth.kind}-{run}.json").write_text(json.dumps(
         {"networks": [name for name, *_ in networks], "specs": [to_data(spec) for _, spec, *_ in networks],
-         "standalone": standalone, "standalone_s": train_s, "predicted_ms": [ms for *_, ms in networks],
-         "flops": flops, "flops_kendall_tau": flops_tau, "latency_kendall_tau": latency_tau,
-         "tau_ceiling": [low, median, high], "rows": rows}, indent=2))
+         "standalone": standalone, "predicted_ms": [ms for *_, ms in networks], "flops": flops,
+         "flops_kendall_tau": flops_tau, "latency_kendall_tau": latency_tau, "tau_ceiling": truth.ceiling,
+         "rows": rows}, indent=2))
     table = ["| supernet | supernet training | proxy std between networks | Kendall tau / Spearman rho | "
              "tau by log-likelihood | largest gap to the study's proxy |", "|---|---|---|---|---|---|"]
     table += [f"| {r['supernet']} | {r['supernet_s'] / 60:.1f} min | {r['proxy_std']:.2%} | {r['kendall_tau']:.3f} / "
@@ -436,40 +495,66 @@ def rescore(size: str, run: str, config: SearchConfig, labels: list[str], varian
               + ("- |" if math.isnan(r["max_gap_to_study"]) else f"{r['max_gap_to_study']:.2%} |") for r in rows]
     table.append(f"| FLOPs (torch.utils.flop_counter), no training | | | {flops_tau:.3f} / {flops_rho:.3f} | | |")
     table.append(f"| the study's predicted latency, no training | | | {latency_tau:.3f} / {latency_rho:.3f} | | |")
+    random_flag = f" --random {len(networks)}" if truth.kind else ""
+    proxy_flag = f" --proxy {' '.join(labels)}" if labels else ""
     seed = f" --seed {config.seed}" if config.seed else ""
-    n = len(networks)
-    flags = (f" --random {random_networks}" if random_networks else "") + (f" --proxy {' '.join(labels)}" if labels
-                                                                          else "")
-    if random_networks is None:
-        title = "Which supernet recipe ranks better?"
-        what = (f"the {n} networks that `bench_verify.py --size {size}{seed}` verified (its section, "
-                f"`verify-cifar10-{run}`), re-scored")
-        truth_text = "the stand-alone accuracies that run measured. The ground truth is the same in every row"
-    else:
-        title = "Does the supernet rank networks the search did not pick?"
-        what = (f"{n} distinct random members of the space (seed {config.seed}) within the "
-                f"{record.latency_limit_ms:.3f} ms limit of the run `bench_verify.py --size {size}{seed}` "
-                f"(its study's latency predictor and drift), "
-                f"trained stand-alone with its recipe ({recipe.epochs} epochs, batch {recipe.batch_size}, lr "
-                f"{recipe.lr} cosine, label smoothing {recipe.label_smoothing}, random crop and flip"
-                + f"; {train_s / 60:.1f} min of training in all" + f"; stand-alone std between "
-                f"them {statistics.stdev(standalone):.2%}, the reference's seed-to-seed std in that run "
-                f"{seed_std:.2%}), scored")
-        truth_text = "those stand-alone accuracies. The ground truth is the same in every row"
     write_section(
-        f"verify-proxy{kind}-{run}", f"{title} ({size} size" + (f", seed {config.seed}" if config.seed else "")
+        f"verify-proxy{truth.kind}-{run}",
+        ("Does the supernet rank networks the search did not pick?" if truth.kind else
+         "Which supernet recipe ranks better?") + f" ({size} size" + (f", seed {config.seed}" if config.seed else "")
         + ", one ground truth)",
-        f"`python tests/benchmarks/bench_verify.py --size {size}{seed}{flags}`: {what} "
-        f"through its own supernet ({config.supernet.epochs} epochs, batch {config.supernet.batch_size}, lr "
-        f"{config.supernet.lr} cosine, {config.supernet.random_subnets} random subnet(s) a step, label smoothing "
-        f"{config.supernet.label_smoothing})" + (" and through one trained with each change named (the same split "
-                                                  "and seed)" if labels else "")
-        + f", on all {len(data.val)} validation images with BN recalibrated as the search does, and ranked against "
-        f"{truth_text}, so the rows compare as pairs; a tau over {n} networks still has a standard error of "
-        f"{math.sqrt(2 * (2 * n + 5) / (9 * n * (n - 1))):.2f} (no correlation). A "
-        f"perfect proxy would score {median:.2f} ({low:.2f} to {high:.2f}) against it. Supernet training time is "
-        f"as its checkpoint recorded it, summed over epochs (this machine's speed drifts up to 1.8x).\n\n"
-        + "\n".join(table), record=SIZES[size].record)
+        f"`python tests/benchmarks/bench_verify.py --size {size}{seed}{random_flag}{proxy_flag}`: {truth.text}; "
+        f"scored through {_own_supernet(config)}"
+        + (" and through one trained with each change named (the same split and seed)" if labels else "")
+        + f", on all {len(truth.data.val)} validation images with BN recalibrated as the search did. "
+        f"{_tau_note(truth)} Supernet training time is as its checkpoint recorded it, summed over epochs (this "
+        "machine's speed drifts up to 1.8x).\n\n" + "\n".join(table), record=SIZES[size].record)
+
+
+def calibration_noise(size: str, run: str, config: SearchConfig, counts: list[int], truth: GroundTruth) -> None:
+    """A ground truth's networks scored through the run's own supernet with BN re-estimated on each of ``counts``
+    batches of training images, drawn twice (the search's set and another): how far the set alone moves a network's
+    proxy accuracy, against how far the networks differ, and what that does to the ranking."""
+    from nas.standalone import rank_agreement
+    from nas.train import CALIBRATION_BATCH, calibration_batches, proxy_calibration_batches, score_subnet
+
+    device, networks = torch.device(config.device), truth.networks
+    supernet, _ = _supernet(config, truth, config.supernet)
+    rows = []
+    for n in counts:
+        scored = []
+        for seed in (12345, 1):  # the search's set (calibration_batches' default seed), then another
+            calibration = calibration_batches(truth.data, batches=n, device=device, seed=seed)
+            scored.append([score_subnet(supernet, spec, truth.data, calibration, device=device).accuracy
+                           for _, spec, *_ in networks])
+        # The sets' difference per network, its common shift removed (it moves no rank), over sqrt 2: one set's noise.
+        noise = statistics.pstdev(a - b for a, b in zip(*scored, strict=True)) / math.sqrt(2)
+        rows.append({"batches": n, "images": n * CALIBRATION_BATCH, "noise": noise,
+                     "proxy_std": statistics.stdev(scored[0]),
+                     "kendall_tau": [rank_agreement(s, truth.standalone)[0] for s in scored], "proxy_accuracy": scored})
+        print({k: v for k, v in rows[-1].items() if k != "proxy_accuracy"}, flush=True)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"verify-calibration{truth.kind}-{run}.json").write_text(json.dumps(
+        {"networks": [name for name, *_ in networks], "standalone": truth.standalone, "rows": rows}, indent=2))
+    images = len(truth.data.val)
+    table = ["| BN calibration | images, as a share of those scored | calibration noise per network | proxy std "
+             "between networks | Kendall tau, search's set / another |", "|---|---|---|---|---|"]
+    table += [f"| {r['batches']} batch(es) | {r['images']} ({r['images'] / images:.0%}) | {r['noise']:.2%} | "
+              f"{r['proxy_std']:.2%} | {r['kendall_tau'][0]:.3f} / {r['kendall_tau'][1]:.3f} |" for r in rows]
+    seed = f" --seed {config.seed}" if config.seed else ""
+    random_flag = f" --random {len(networks)}" if truth.kind else ""
+    write_section(
+        f"verify-calibration{truth.kind}-{run}", f"How much does the proxy's BN calibration move it? ({size} size"
+        + (f", seed {config.seed}" if config.seed else "") + (", random networks" if truth.kind else ", the front")
+        + ")",
+        f"`python tests/benchmarks/bench_verify.py --size {size}{seed}{random_flag} --calibration "
+        f"{' '.join(map(str, counts))}`: {truth.text}; scored through {_own_supernet(config)} on all {images} "
+        f"validation images, each subnet's BN statistics re-estimated on N batches of {CALIBRATION_BATCH} training "
+        f"images: the search's fixed set, and another. Calibration noise: the std over networks of the two sets' "
+        f"difference in proxy accuracy (its mean removed: a shift common to all moves no rank), over sqrt 2. The "
+        f"search now calibrates on {proxy_calibration_batches(images)} batch(es) for {images} images scored "
+        f"(`nas.train.proxy_calibration_batches`); this run's study was scored with "
+        f"{truth.record.calibration_batches}. {_tau_note(truth)}\n\n" + "\n".join(table), record=SIZES[size].record)
 
 
 def compare_jobs(size: str, recipe: TrainSettings, device: str, train: Path, work: Path, jobs: int) -> None:
