@@ -44,7 +44,7 @@ def proxy_calibration_batches(proxy_images: int) -> int:
     Which images calibrate moves a subnet's proxy accuracy. On CIFAR-10's 10,000 validation images it moved by
     0.20-0.33 points per network with one batch, 0.14-0.19 with 4 and 0.08-0.15 with 16, against 0.7-1.9 points
     between the networks ranked (tests/benchmarks/bench_verify.py --calibration; results/BENCHMARKS.md). At a fifth
-    of the images scored, calibration costs about a fifth of a trial; digits (359 validation images) keep one batch.
+    of the images scored, a trial took 1.09-1.32x as long as with one batch; digits (359 images) keep one batch.
     """
     return max(1, round(proxy_images / (5 * CALIBRATION_BATCH)))
 

@@ -520,27 +520,36 @@ def calibration_noise(size: str, run: str, config: SearchConfig, counts: list[in
 
     device, networks = torch.device(config.device), truth.networks
     supernet, _ = _supernet(config, truth, config.supernet)
+    seeds = (12345, 1)  # the search's set (calibration_batches' default seed), then another
+    sets = {(n, seed): calibration_batches(truth.data, batches=n, device=device, seed=seed)
+            for n in counts for seed in seeds}
+    scored: dict[tuple[int, int], list[float]] = {key: [] for key in sets}
+    seconds: dict[int, list[float]] = {n: [] for n in counts}
+    for _, spec, *_ in networks:  # every count on one network before the next: timed side by side, as drift allows
+        for (n, seed), calibration in sets.items():
+            t = time.perf_counter()
+            scored[n, seed].append(score_subnet(supernet, spec, truth.data, calibration, device=device).accuracy)
+            seconds[n].append(time.perf_counter() - t)
     rows = []
     for n in counts:
-        scored = []
-        for seed in (12345, 1):  # the search's set (calibration_batches' default seed), then another
-            calibration = calibration_batches(truth.data, batches=n, device=device, seed=seed)
-            scored.append([score_subnet(supernet, spec, truth.data, calibration, device=device).accuracy
-                           for _, spec, *_ in networks])
+        pair = [scored[n, seed] for seed in seeds]
         # The sets' difference per network, its common shift removed (it moves no rank), over sqrt 2: one set's noise.
-        noise = statistics.pstdev(a - b for a, b in zip(*scored, strict=True)) / math.sqrt(2)
+        noise = statistics.pstdev(a - b for a, b in zip(*pair, strict=True)) / math.sqrt(2)
         rows.append({"batches": n, "images": n * CALIBRATION_BATCH, "noise": noise,
-                     "proxy_std": statistics.stdev(scored[0]),
-                     "kendall_tau": [rank_agreement(s, truth.standalone)[0] for s in scored], "proxy_accuracy": scored})
+                     "proxy_std": statistics.stdev(pair[0]),
+                     "kendall_tau": [rank_agreement(s, truth.standalone)[0] for s in pair],
+                     "score_s": statistics.median(seconds[n]), "proxy_accuracy": pair})
         print({k: v for k, v in rows[-1].items() if k != "proxy_accuracy"}, flush=True)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"verify-calibration{truth.kind}-{run}.json").write_text(json.dumps(
         {"networks": [name for name, *_ in networks], "standalone": truth.standalone, "rows": rows}, indent=2))
     images = len(truth.data.val)
     table = ["| BN calibration | images, as a share of those scored | calibration noise per network | proxy std "
-             "between networks | Kendall tau, search's set / another |", "|---|---|---|---|---|"]
+             "between networks | Kendall tau, search's set / another | time to score a network, median |",
+             "|---|---|---|---|---|---|"]
     table += [f"| {r['batches']} batch(es) | {r['images']} ({r['images'] / images:.0%}) | {r['noise']:.2%} | "
-              f"{r['proxy_std']:.2%} | {r['kendall_tau'][0]:.3f} / {r['kendall_tau'][1]:.3f} |" for r in rows]
+              f"{r['proxy_std']:.2%} | {r['kendall_tau'][0]:.3f} / {r['kendall_tau'][1]:.3f} | {r['score_s']:.2f} s "
+              f"(x{r['score_s'] / rows[0]['score_s']:.2f}) |" for r in rows]
     seed = f" --seed {config.seed}" if config.seed else ""
     random_flag = f" --random {len(networks)}" if truth.kind else ""
     write_section(
@@ -551,7 +560,9 @@ def calibration_noise(size: str, run: str, config: SearchConfig, counts: list[in
         f"{' '.join(map(str, counts))}`: {truth.text}; scored through {_own_supernet(config)} on all {images} "
         f"validation images, each subnet's BN statistics re-estimated on N batches of {CALIBRATION_BATCH} training "
         f"images: the search's fixed set, and another. Calibration noise: the std over networks of the two sets' "
-        f"difference in proxy accuracy (its mean removed: a shift common to all moves no rank), over sqrt 2. The "
+        f"difference in proxy accuracy (its mean removed: a shift common to all moves no rank), over sqrt 2. Each "
+        f"network is scored with every count and set in turn, so the times compare side by side (x: against the "
+        f"first count). The "
         f"search now calibrates on {proxy_calibration_batches(images)} batch(es) for {images} images scored "
         f"(`nas.train.proxy_calibration_batches`); this run's study was scored with "
         f"{truth.record.calibration_batches}. {_tau_note(truth)}\n\n" + "\n".join(table), record=SIZES[size].record)
