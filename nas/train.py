@@ -35,6 +35,7 @@ from nas.supernet import Supernet, recalibrate_bn
 
 CHECKPOINT_VERSION = 1
 CALIBRATION_BATCH = 128  # images per batch of BN recalibration
+CALIBRATION_SEED = 12345  # which training images: the same set for every subnet scored
 
 
 def proxy_calibration_batches(proxy_images: int) -> int:
@@ -255,7 +256,7 @@ def _optimizer_to(opt: torch.optim.Optimizer, device: torch.device) -> None:
 
 
 def calibration_batches(data: DataSplit, *, batches: int = 4, batch_size: int = CALIBRATION_BATCH,
-                        device: torch.device | str = "cpu", seed: int = 12345) -> list[torch.Tensor]:
+                        device: torch.device | str = "cpu", seed: int = CALIBRATION_SEED) -> list[torch.Tensor]:
     """A fixed set of training images (not augmented) for BN recalibration, the same for every subnet scored
     (another ``seed``, another set: only to measure how much the set matters)."""
     out = []

@@ -516,11 +516,17 @@ def calibration_noise(size: str, run: str, config: SearchConfig, counts: list[in
     batches of training images, drawn twice (the search's set and another): how far the set alone moves a network's
     proxy accuracy, against how far the networks differ, and what that does to the ranking."""
     from nas.standalone import rank_agreement
-    from nas.train import CALIBRATION_BATCH, calibration_batches, proxy_calibration_batches, score_subnet
+    from nas.train import (
+        CALIBRATION_BATCH,
+        CALIBRATION_SEED,
+        calibration_batches,
+        proxy_calibration_batches,
+        score_subnet,
+    )
 
     device, networks = torch.device(config.device), truth.networks
     supernet, _ = _supernet(config, truth, config.supernet)
-    seeds = (12345, 1)  # the search's set (calibration_batches' default seed), then another
+    seeds = (CALIBRATION_SEED, 1)  # the search's set, then another
     sets = {(n, seed): calibration_batches(truth.data, batches=n, device=device, seed=seed)
             for n in counts for seed in seeds}
     scored: dict[tuple[int, int], list[float]] = {key: [] for key in sets}
