@@ -12,6 +12,7 @@ recipes, against the stand-alone accuracies it measured: proxies compared on one
 trainings alone. --random N ranks N random members within the run's latency limit instead (trained stand-alone
 with its recipe): the proxy's own ranking, where a front's is mostly its latency order. --calibration N... scores
 them with BN re-estimated on N batches, from two sets of images: how far the set alone moves the proxy.
+--standalone-epochs N trains the ground truth of either for N epochs instead: is a short ground truth the truth?
 Goals: Kendall tau >= 0.7 over >= 12 networks; at least 7 of the 10 most proxy-accurate found networks beat the
 reference stand-alone at no more measured latency; the best found >= reference + 1.5 points.
 
@@ -174,7 +175,16 @@ def main() -> None:
                     help="instead: score a finished run's verified networks (or --random N's) through its own "
                          "supernet with BN re-estimated on N batches of training images, from two sets: how far the "
                          "set alone moves the proxy")
+    ap.add_argument("--standalone-epochs", type=int, default=None, metavar="N",
+                    help="with --proxy, --random or --calibration: the ground truth trained for N epochs instead of "
+                         "the run's recipe's (its noise measured again on the reference at N epochs, 3 seeds): does "
+                         "a longer ground truth rank the networks as the short one does, and the proxy as well?")
     args = ap.parse_args()
+    if args.standalone_epochs is not None and args.standalone_epochs < 1:
+        ap.error(f"argument --standalone-epochs: {args.standalone_epochs} is not positive")
+    if args.standalone_epochs is not None and args.proxy is None and args.random is None and args.calibration is None:
+        ap.error("argument --standalone-epochs: only with --proxy, --random or --calibration, which rank a finished "
+                 "run's networks")
     if args.random is not None and args.random < 3:
         ap.error(f"argument --random: {args.random} is not 3 or more")
     if args.calibration is not None and min(args.calibration) < 1:
@@ -217,7 +227,7 @@ def main() -> None:
         if train is None:
             return
         config = config_of(train)
-        truth = ground_truth(args.size, run, config, recipe, args.random)
+        truth = ground_truth(args.size, run, config, recipe, args.random, args.standalone_epochs)
         if args.calibration is not None:
             calibration_noise(args.size, run, config, args.calibration, truth)
         else:
@@ -369,20 +379,24 @@ class GroundTruth:
     record: StudyRecord
     space: SearchSpace
     data: DataSplit
-    kind: str  # "" for the networks the run verified, "-randomN" for N random members
+    kind: str  # names its sections and files: "" for the run's verified networks, "-random16", "-random16-6epochs"
+    flags: str  # the command-line flags that chose it, e.g. " --random 16 --standalone-epochs 6"
+    label: str  # for a section's title: "the front", "random networks", "random networks, 6-epoch ground truth"
     text: str  # what the networks are and how their accuracies were measured, for a section's text
 
 
-def ground_truth(size: str, run: str, config: SearchConfig, recipe: TrainSettings, random_networks: int | None
-                 ) -> GroundTruth:
-    """The networks a finished run verified and the stand-alone accuracies it measured; or, with
-    ``random_networks``, that many random members within its latency limit, trained stand-alone with ``recipe`` (the
-    run's; checkpoints beside its verification's, so a cut run resumes). Along one Pareto front the proxy's order
-    is the front's latency order, so only networks the search did not pick measure the proxy's own ranking."""
+def ground_truth(size: str, run: str, config: SearchConfig, recipe: TrainSettings, random_networks: int | None,
+                 epochs: int | None = None) -> GroundTruth:
+    """The networks a finished run verified, or with ``random_networks`` that many random members within its latency
+    limit, and their stand-alone accuracies: as the run measured them, or trained with ``recipe`` (the run's) for
+    ``epochs`` (checkpoints beside its verification's, so a cut run resumes). Along one Pareto front the proxy's
+    order is the front's latency order, so only networks the search did not pick measure the proxy's own ranking.
+    Trained for other ``epochs`` than the run's recipe, the ground truth's noise is measured again at those epochs,
+    on the reference (seeds as --noise-epochs trains them, so either run reuses the other's checkpoints)."""
     from nas import SpecError
     from nas.data import load_for
     from nas.space import load_space
-    from nas.standalone import checkpoint_for
+    from nas.standalone import checkpoint_for, rank_agreement
     from nas.study import load_study
     from nas.train import load_checkpoint
     from nas.verify import tau_ceiling, train_all, verified_networks
@@ -395,34 +409,67 @@ def ground_truth(size: str, run: str, config: SearchConfig, recipe: TrainSetting
     study, record = load_study(config.name, results=config.results)
     space, data = load_for(load_space(config.space), config.dataset, seed=config.seed, data_dir=config.data_dir)
     seed = f" --seed {config.seed}" if config.seed else ""
+    the_runs = f"`bench_verify.py --size {size}{seed}`"
+    trained = dataclasses.replace(recipe, epochs=epochs or recipe.epochs)
+    kind, flags, label = "", "", "the front"
     if random_networks is None:
         truth = {r["name"]: r["standalone_accuracy"] for r in verification["rows"]}
         networks = verified_networks(study, build_report(study, measure_latency=False), SIZES[size].top)
         if [name for name, *_ in networks] != list(truth):
             raise SpecError("", f"the study's verified networks {[n for n, *_ in networks]} are not the ones "
                                 f"verify.json ranks {list(truth)}", source=str(recorded))
-        return GroundTruth(networks, list(truth.values()), tuple(verification["tau_ceiling"]), record, space, data,
-                           "", f"the {len(networks)} networks that `bench_verify.py --size {size}{seed}` verified "
-                               f"(its section, `verify-cifar10-{run}`), ranked against the stand-alone accuracies "
-                               "that run measured")
-    networks = random_members(config, record, space, random_networks)
+        text = f"the {len(networks)} networks that {the_runs} verified (its section, `verify-cifar10-{run}`)"
+        if trained == recipe:
+            return GroundTruth(networks, list(truth.values()), tuple(verification["tau_ceiling"]), record, space,
+                               data, kind, flags, label, f"{text}, ranked against the stand-alone accuracies that "
+                                                         "run measured")
+    else:
+        networks = random_members(config, record, space, random_networks)
+        kind, flags, label = f"-random{random_networks}", f" --random {random_networks}", "random networks"
+        text = (f"{len(networks)} distinct random members of the space (seed {config.seed}) within the "
+                f"{record.latency_limit_ms:.3f} ms limit of the run {the_runs} (its study's latency predictor and "
+                "drift)")
     out = config.study_dir / "verify"
-    standalone = train_all([(spec, recipe) for _, spec, *_ in networks],
-                           (config.dataset, space.input.resolution, config.seed, config.data_dir),
-                           device=config.device, out_dir=out, jobs=SIZES[size].jobs)
+    dataset = (config.dataset, space.input.resolution, config.seed, config.data_dir)
+    standalone = train_all([(spec, trained) for _, spec, *_ in networks], dataset, device=config.device,
+                           out_dir=out, jobs=SIZES[size].jobs)
     # As trained, from each checkpoint's history: a resumed run's wall time would count only its own share.
     train_s = sum(h["seconds"] for _, spec, *_ in networks for h in load_checkpoint(
-        checkpoint_for(spec, data, recipe, None, out / "checkpoints"))["history"])
-    # The ground truth's noise as the run measured it on the reference, with this recipe.
-    seed_std = statistics.stdev(verification["reference_seed_accuracies"])
-    return GroundTruth(
-        networks, standalone, tau_ceiling(standalone, seed_std), record, space, data, f"-random{random_networks}",
-        f"{len(networks)} distinct random members of the space (seed {config.seed}) within the "
-        f"{record.latency_limit_ms:.3f} ms limit of the run `bench_verify.py --size {size}{seed}` (its study's "
-        f"latency predictor and drift), ranked against their accuracies trained stand-alone with its recipe "
-        f"({recipe.epochs} epochs, batch {recipe.batch_size}, lr {recipe.lr} cosine, label smoothing "
-        f"{recipe.label_smoothing}, random crop and flip; {train_s / 60:.1f} min of training in all; std between them "
-        f"{statistics.stdev(standalone):.2%}, the reference's seed-to-seed std in that run {seed_std:.2%})")
+        checkpoint_for(spec, data, trained, None, out / "checkpoints"))["history"])
+    how = ("trained stand-alone with its recipe " + (f"({trained.epochs} epochs, " if trained == recipe else
+                                                     f"for {trained.epochs} epochs instead of {recipe.epochs} (")
+           + f"batch {trained.batch_size}, lr {trained.lr} cosine, label smoothing "
+           f"{trained.label_smoothing}, random crop and flip; {train_s / 60:.1f} min of training in all; std between "
+           f"them {statistics.stdev(standalone):.2%}")
+    if trained == recipe:  # the ground truth's noise as the run measured it on the reference, with this recipe
+        seed_std = statistics.stdev(verification["reference_seed_accuracies"])
+        how += f", the reference's seed-to-seed std in that run {seed_std:.2%})"
+    else:
+        seeds = range(recipe.seed, recipe.seed + NOISE_SEEDS)
+        reference = seed_accuracies_of(space.reference_member(), data, trained, seeds, device=config.device,
+                                       out_dir=out)
+        seed_std = statistics.stdev(reference)
+        kind, flags = f"{kind}-{trained.epochs}epochs", f"{flags} --standalone-epochs {trained.epochs}"
+        label = f"{label}, {trained.epochs}-epoch ground truth"
+        how += (f", the reference's seed-to-seed std at {trained.epochs} epochs {seed_std:.2%}, seeds "
+                f"{seeds.start}-{seeds.stop - 1}, mean {statistics.fmean(reference):.2%})")
+        # Against the run's own ground truth on the same networks, where it exists (no hidden trainings): how far
+        # does the ranking a short ground truth gives hold at a longer one?
+        if random_networks is None:
+            short = list(truth.values())
+        elif all(checkpoint_for(spec, data, recipe, None, out / "checkpoints").exists() for _, spec, *_ in networks):
+            short = train_all([(spec, recipe) for _, spec, *_ in networks], dataset, device=config.device,
+                              out_dir=out, jobs=SIZES[size].jobs)
+        else:
+            short = None
+            print(f"[bench_verify] these networks have no {recipe.epochs}-epoch trainings to compare with: run "
+                  f"--random {random_networks} without --standalone-epochs to train them", flush=True)
+        if short is not None:
+            tau, rho = rank_agreement(standalone, short)
+            how += (f". Kendall tau / Spearman rho between these accuracies and the same networks' at the run's "
+                    f"{recipe.epochs} epoch(s): {tau:.3f} / {rho:.3f}")
+    return GroundTruth(networks, standalone, tau_ceiling(standalone, seed_std), record, space, data, kind, flags,
+                       label, f"{text}, ranked against their accuracies {how}")
 
 
 def _tau_note(truth: GroundTruth) -> str:
@@ -495,15 +542,15 @@ def rescore(size: str, run: str, config: SearchConfig, labels: list[str], varian
               + ("- |" if math.isnan(r["max_gap_to_study"]) else f"{r['max_gap_to_study']:.2%} |") for r in rows]
     table.append(f"| FLOPs (torch.utils.flop_counter), no training | | | {flops_tau:.3f} / {flops_rho:.3f} | | |")
     table.append(f"| the study's predicted latency, no training | | | {latency_tau:.3f} / {latency_rho:.3f} | | |")
-    random_flag = f" --random {len(networks)}" if truth.kind else ""
     proxy_flag = f" --proxy {' '.join(labels)}" if labels else ""
     seed = f" --seed {config.seed}" if config.seed else ""
     write_section(
         f"verify-proxy{truth.kind}-{run}",
-        ("Does the supernet rank networks the search did not pick?" if truth.kind else
+        ("Does the supernet rank networks the search did not pick?" if truth.label.startswith("random") else
          "Which supernet recipe ranks better?") + f" ({size} size" + (f", seed {config.seed}" if config.seed else "")
+        + ("" if truth.label in ("the front", "random networks") else f", {truth.label.partition(', ')[2]}")
         + ", one ground truth)",
-        f"`python tests/benchmarks/bench_verify.py --size {size}{seed}{random_flag}{proxy_flag}`: {truth.text}; "
+        f"`python tests/benchmarks/bench_verify.py --size {size}{seed}{truth.flags}{proxy_flag}`: {truth.text}; "
         f"scored through {_own_supernet(config)}"
         + (" and through one trained with each change named (the same split and seed)" if labels else "")
         + f", on all {len(truth.data.val)} validation images with BN recalibrated as the search did. "
@@ -557,12 +604,10 @@ def calibration_noise(size: str, run: str, config: SearchConfig, counts: list[in
               f"{r['proxy_std']:.2%} | {r['kendall_tau'][0]:.3f} / {r['kendall_tau'][1]:.3f} | {r['score_s']:.2f} s "
               f"(x{r['score_s'] / rows[0]['score_s']:.2f}) |" for r in rows]
     seed = f" --seed {config.seed}" if config.seed else ""
-    random_flag = f" --random {len(networks)}" if truth.kind else ""
     write_section(
         f"verify-calibration{truth.kind}-{run}", f"How much does the proxy's BN calibration move it? ({size} size"
-        + (f", seed {config.seed}" if config.seed else "") + (", random networks" if truth.kind else ", the front")
-        + ")",
-        f"`python tests/benchmarks/bench_verify.py --size {size}{seed}{random_flag} --calibration "
+        + (f", seed {config.seed}" if config.seed else "") + f", {truth.label})",
+        f"`python tests/benchmarks/bench_verify.py --size {size}{seed}{truth.flags} --calibration "
         f"{' '.join(map(str, counts))}`: {truth.text}; scored through {_own_supernet(config)} on all {images} "
         f"validation images, each subnet's BN statistics re-estimated on N batches of {CALIBRATION_BATCH} training "
         f"images: the search's fixed set, and another. Calibration noise: the std over networks of the two sets' "
