@@ -177,8 +177,8 @@ def main() -> None:
                          "set alone moves the proxy")
     ap.add_argument("--standalone-epochs", type=int, default=None, metavar="N",
                     help="with --proxy, --random or --calibration: the ground truth trained for N epochs instead of "
-                         "the run's recipe's (its noise measured again on the reference at N epochs, 3 seeds): does "
-                         "a longer ground truth rank the networks as the short one does, and the proxy as well?")
+                         "the run's recipe's (its noise measured again on the reference at N epochs, with verify's "
+                         "seeds): does a longer ground truth rank the networks as the short one does, and the proxy?")
     args = ap.parse_args()
     if args.standalone_epochs is not None and args.standalone_epochs < 1:
         ap.error(f"argument --standalone-epochs: {args.standalone_epochs} is not positive")
@@ -392,7 +392,8 @@ def ground_truth(size: str, run: str, config: SearchConfig, recipe: TrainSetting
     ``epochs`` (checkpoints beside its verification's, so a cut run resumes). Along one Pareto front the proxy's
     order is the front's latency order, so only networks the search did not pick measure the proxy's own ranking.
     Trained for other ``epochs`` than the run's recipe, the ground truth's noise is measured again at those epochs,
-    on the reference (seeds as --noise-epochs trains them, so either run reuses the other's checkpoints)."""
+    on the reference with as many seeds as the run's verify (from the recipe's seed, so --noise-epochs and this
+    share checkpoints)."""
     from nas import SpecError
     from nas.data import load_for
     from nas.space import load_space
@@ -445,7 +446,8 @@ def ground_truth(size: str, run: str, config: SearchConfig, recipe: TrainSetting
         seed_std = statistics.stdev(verification["reference_seed_accuracies"])
         how += f", the reference's seed-to-seed std in that run {seed_std:.2%})"
     else:
-        seeds = range(recipe.seed, recipe.seed + NOISE_SEEDS)
+        # As many seeds as the run's verify trains (5 on cpu): a 3-seed std is uncertain by a factor of 2 either way
+        seeds = range(recipe.seed, recipe.seed + SIZES[size].seeds)
         reference = seed_accuracies_of(space.reference_member(), data, trained, seeds, device=config.device,
                                        out_dir=out)
         seed_std = statistics.stdev(reference)
