@@ -379,10 +379,25 @@ class GroundTruth:
     record: StudyRecord
     space: SearchSpace
     data: DataSplit
-    kind: str  # names its sections and files: "" for the run's verified networks, "-random16", "-random16-6epochs"
-    flags: str  # the command-line flags that chose it, e.g. " --random 16 --standalone-epochs 6"
-    label: str  # for a section's title: "the front", "random networks", "random networks, 6-epoch ground truth"
+    random: int | None  # --random N: N random members; None: the networks the run verified
+    epochs: int | None  # --standalone-epochs N, where it differs from the run's recipe; None: the recipe's
     text: str  # what the networks are and how their accuracies were measured, for a section's text
+
+    @property
+    def kind(self) -> str:
+        """What names its sections and files: "" for the run's verified networks, "-random16", "-random16-6epochs"."""
+        return (f"-random{self.random}" if self.random else "") + (f"-{self.epochs}epochs" if self.epochs else "")
+
+    @property
+    def flags(self) -> str:
+        """The command-line flags that chose it, e.g. " --random 16 --standalone-epochs 6"."""
+        return ((f" --random {self.random}" if self.random else "")
+                + (f" --standalone-epochs {self.epochs}" if self.epochs else ""))
+
+    @property
+    def epochs_note(self) -> str:
+        """For a section's title: ", 6-epoch ground truth" where the ground truth is not the run's recipe's."""
+        return f", {self.epochs}-epoch ground truth" if self.epochs else ""
 
 
 def ground_truth(size: str, run: str, config: SearchConfig, recipe: TrainSettings, random_networks: int | None,
@@ -412,7 +427,6 @@ def ground_truth(size: str, run: str, config: SearchConfig, recipe: TrainSetting
     seed = f" --seed {config.seed}" if config.seed else ""
     the_runs = f"`bench_verify.py --size {size}{seed}`"
     trained = dataclasses.replace(recipe, epochs=epochs or recipe.epochs)
-    kind, flags, label = "", "", "the front"
     if random_networks is None:
         truth = {r["name"]: r["standalone_accuracy"] for r in verification["rows"]}
         networks = verified_networks(study, build_report(study, measure_latency=False), SIZES[size].top)
@@ -422,11 +436,10 @@ def ground_truth(size: str, run: str, config: SearchConfig, recipe: TrainSetting
         text = f"the {len(networks)} networks that {the_runs} verified (its section, `verify-cifar10-{run}`)"
         if trained == recipe:
             return GroundTruth(networks, list(truth.values()), tuple(verification["tau_ceiling"]), record, space,
-                               data, kind, flags, label, f"{text}, ranked against the stand-alone accuracies that "
-                                                         "run measured")
+                               data, None, None, f"{text}, ranked against the stand-alone accuracies that run "
+                                                 "measured")
     else:
         networks = random_members(config, record, space, random_networks)
-        kind, flags, label = f"-random{random_networks}", f" --random {random_networks}", "random networks"
         text = (f"{len(networks)} distinct random members of the space (seed {config.seed}) within the "
                 f"{record.latency_limit_ms:.3f} ms limit of the run {the_runs} (its study's latency predictor and "
                 "drift)")
@@ -451,8 +464,6 @@ def ground_truth(size: str, run: str, config: SearchConfig, recipe: TrainSetting
         reference = seed_accuracies_of(space.reference_member(), data, trained, seeds, device=config.device,
                                        out_dir=out)
         seed_std = statistics.stdev(reference)
-        kind, flags = f"{kind}-{trained.epochs}epochs", f"{flags} --standalone-epochs {trained.epochs}"
-        label = f"{label}, {trained.epochs}-epoch ground truth"
         how += (f", the reference's seed-to-seed std at {trained.epochs} epochs {seed_std:.2%}, seeds "
                 f"{seeds.start}-{seeds.stop - 1}, mean {statistics.fmean(reference):.2%})")
         # Against the run's own ground truth on the same networks, where it exists (no hidden trainings): how far
@@ -470,8 +481,8 @@ def ground_truth(size: str, run: str, config: SearchConfig, recipe: TrainSetting
             tau, rho = rank_agreement(standalone, short)
             how += (f". Kendall tau / Spearman rho between these accuracies and the same networks' at the run's "
                     f"{recipe.epochs} epoch(s): {tau:.3f} / {rho:.3f}")
-    return GroundTruth(networks, standalone, tau_ceiling(standalone, seed_std), record, space, data, kind, flags,
-                       label, f"{text}, ranked against their accuracies {how}")
+    return GroundTruth(networks, standalone, tau_ceiling(standalone, seed_std), record, space, data, random_networks,
+                       None if trained == recipe else trained.epochs, f"{text}, ranked against their accuracies {how}")
 
 
 def _tau_note(truth: GroundTruth) -> str:
@@ -548,10 +559,9 @@ def rescore(size: str, run: str, config: SearchConfig, labels: list[str], varian
     seed = f" --seed {config.seed}" if config.seed else ""
     write_section(
         f"verify-proxy{truth.kind}-{run}",
-        ("Does the supernet rank networks the search did not pick?" if truth.label.startswith("random") else
+        ("Does the supernet rank networks the search did not pick?" if truth.random else
          "Which supernet recipe ranks better?") + f" ({size} size" + (f", seed {config.seed}" if config.seed else "")
-        + ("" if truth.label in ("the front", "random networks") else f", {truth.label.partition(', ')[2]}")
-        + ", one ground truth)",
+        + f"{truth.epochs_note}, one ground truth)",
         f"`python tests/benchmarks/bench_verify.py --size {size}{seed}{truth.flags}{proxy_flag}`: {truth.text}; "
         f"scored through {_own_supernet(config)}"
         + (" and through one trained with each change named (the same split and seed)" if labels else "")
@@ -608,7 +618,8 @@ def calibration_noise(size: str, run: str, config: SearchConfig, counts: list[in
     seed = f" --seed {config.seed}" if config.seed else ""
     write_section(
         f"verify-calibration{truth.kind}-{run}", f"How much does the proxy's BN calibration move it? ({size} size"
-        + (f", seed {config.seed}" if config.seed else "") + f", {truth.label})",
+        + (f", seed {config.seed}" if config.seed else "")
+        + f", {'random networks' if truth.random else 'the front'}{truth.epochs_note})",
         f"`python tests/benchmarks/bench_verify.py --size {size}{seed}{truth.flags} --calibration "
         f"{' '.join(map(str, counts))}`: {truth.text}; scored through {_own_supernet(config)} on all {images} "
         f"validation images, each subnet's BN statistics re-estimated on N batches of {CALIBRATION_BATCH} training "
