@@ -86,14 +86,22 @@ def _results_arg(p: argparse.ArgumentParser) -> None:
     p.add_argument("--results", default=None, help="results folder (default: $NAS_RESULTS, else ./results)")
 
 
-def _positive_int(text: str) -> int:
+def _int_from(text: str, least: int) -> int:
     try:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"{text!r} is not an integer") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"{value} must be positive")
+    if value < least:
+        raise argparse.ArgumentTypeError(f"{value} must be {'positive' if least == 1 else 'zero or more'}")
     return value
+
+
+def _positive_int(text: str) -> int:
+    return _int_from(text, 1)
+
+
+def _non_negative_int(text: str) -> int:
+    return _int_from(text, 0)
 
 
 def _add_build(p: argparse.ArgumentParser) -> None:
@@ -396,6 +404,10 @@ def _add_verify(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seeds", type=_positive_int, default=3,
                    help="train the reference this many times (seeds --seed, +1, ...) to measure the stand-alone "
                         "recipe's seed-to-seed noise (default 3)")
+    p.add_argument("--noise-networks", type=_non_negative_int, default=2,
+                   help="train this many of the retrained networks, spread over the front, once more (seed "
+                        "--seed + 1): networks differ in their noise, and the ceiling pools it over all of them "
+                        "(default 2)")
     p.add_argument("--jobs", type=_positive_int, default=1,
                    help="trainings at a time, each in a process of its own, sharing the CPU's threads; with "
                         "--device cuda dealt out over the GPUs (default 1)")
@@ -409,7 +421,7 @@ def _run_verify(args: argparse.Namespace) -> int:
     study, _ = load_study(args.study, args.storage, args.results)
     out = results_root(args.results) / args.study
     v = verify(study, top=args.top, settings=_recipe(args), device=str(resolve_device(args.device)),
-               out_dir=out / "verify", seeds=args.seeds, jobs=args.jobs)
+               out_dir=out / "verify", seeds=args.seeds, noise_networks=args.noise_networks, jobs=args.jobs)
     paths = write_verification(v, out)
     print(v.format())
     print(f"report: {paths['json']}, {paths['html']}")
@@ -510,7 +522,8 @@ COMMANDS: dict[str, Command] = {
         "retrain a study's best specs: does the supernet rank them truthfully?",
         "Retrain K distinct architectures spanning a study's feasible front (filled from the next non-dominated "
         "layers when the front is smaller) and the space's MobileNetV3 reference with one recipe (the reference "
-        "with --seeds seeds, to measure the recipe's own noise), and report Kendall tau and Spearman rho between "
+        "with --seeds seeds and --noise-networks of the others with a second, to measure the recipe's own noise), "
+        "and report Kendall tau and Spearman rho between "
         "proxy (supernet) and stand-alone accuracy, a table, and <results>/<study>/verify.html.",
         _add_verify, _run_verify),
     "deploy": Command(

@@ -11,7 +11,7 @@ import math
 import multiprocessing
 import os
 import statistics
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -48,13 +48,29 @@ class VerifyRow:
 CEILING_DRAWS = 2000  # simulated retrainings behind Verification.tau_ceiling
 
 
+def pooled_std(groups: Iterable[Sequence[float]]) -> float:
+    """The pooled within-group standard deviation of ``groups`` (each one network's accuracies over seeds): their
+    squared deviations from their own means summed, over their degrees of freedom summed; NaN with none. One
+    network's seeds measure its noise alone, and networks differ in it (on CIFAR-10 at 6 epochs the reference's
+    alone put a perfect proxy's tau below what the supernet scored). Written out: numpy, scipy and pandas have
+    no pooled variance."""
+    squares = dof = 0.0
+    for g in groups:
+        if len(g) > 1:
+            mean = statistics.fmean(g)
+            squares += sum((x - mean) ** 2 for x in g)
+            dof += len(g) - 1
+    return math.sqrt(squares / dof) if dof else math.nan
+
+
 def tau_ceiling(standalone: list[float], seed_std: float) -> tuple[float, float, float]:
     """The Kendall tau a perfect proxy would score against stand-alone accuracies whose retraining noise has std
     ``seed_std``: (10th percentile, median, 90th) over simulated retrainings; NaN while the noise is unmeasured.
 
     Model: each network's true accuracy is its stand-alone one shrunk toward their mean until their variance is
-    the between-network variance less the seed-to-seed variance (the noise measured on one network, taken as
-    every network's); a retraining adds Gaussian noise of that std. No true spread left: 0, nothing to rank.
+    the between-network variance less the seed-to-seed variance (one noise for every network, best measured on
+    several: :func:`pooled_std`); a retraining adds Gaussian noise of that std. No true spread left: 0, nothing
+    to rank.
     Simulated because no closed form covers a handful of networks with ties; seeded, so it is reproducible.
     """
     if len(standalone) < 2 or math.isnan(seed_std):  # one network, or one seed
@@ -81,12 +97,32 @@ class Verification:
     proxy_stderr: float  # the binomial standard error of a proxy accuracy (at the reference's accuracy)
     # The ground truth's own noise: the reference trained with seeds seed, seed + 1, ... (its row is the first).
     reference_seed_accuracies: tuple[float, ...]
+    # ...and found networks spread over the front, each trained once more with seed + 1: (name, (its row's, then
+    # the retraining's)).
+    network_seed_accuracies: tuple[tuple[str, tuple[float, ...]], ...] = ()
 
     @property
     def seed_std(self) -> float:
         """Sample standard deviation of the reference's stand-alone accuracy over seeds (NaN with one seed)."""
         a = self.reference_seed_accuracies
         return statistics.stdev(a) if len(a) > 1 else math.nan
+
+    @property
+    def noise_groups(self) -> list[tuple[float, ...]]:
+        """Each network trained with more than one seed: its accuracies over them (the reference first)."""
+        return [g for g in (self.reference_seed_accuracies, *(a for _, a in self.network_seed_accuracies))
+                if len(g) > 1]
+
+    @property
+    def noise_std(self) -> float:
+        """The stand-alone recipe's seed-to-seed noise pooled over every network trained with several seeds (the
+        reference and the re-seeded networks): what the ceiling, the verdict and the caveats read."""
+        return pooled_std(self.noise_groups)
+
+    @property
+    def noise_dof(self) -> int:
+        """Degrees of freedom behind :attr:`noise_std`."""
+        return sum(len(g) - 1 for g in self.noise_groups)
 
     @property
     def network_std(self) -> float:
@@ -96,7 +132,7 @@ class Verification:
     @functools.cached_property  # simulated: computed once (a frozen dataclass still has a __dict__ to cache in)
     def tau_ceiling(self) -> tuple[float, float, float]:
         """The Kendall tau a perfect proxy would score against this noisy ground truth (see :func:`tau_ceiling`)."""
-        return tau_ceiling([r.standalone_accuracy for r in self.rows], self.seed_std)
+        return tau_ceiling([r.standalone_accuracy for r in self.rows], self.noise_std)
 
     @property
     def verdict(self) -> str:
@@ -104,7 +140,7 @@ class Verification:
         low = self.tau_ceiling[0]
         if math.isnan(low) or math.isnan(self.kendall_tau):
             return ""
-        if self.network_std <= self.seed_std:  # the ceiling's own test: no true spread, so no tau blames the proxy
+        if self.network_std <= self.noise_std:  # the ceiling's own test: no true spread, so no tau blames the proxy
             return "the ground truth is all noise: only a less noisy one (more epochs) can rank these networks"
         if self.kendall_tau < low:
             return ("this proxy ranks below that range: the proxy, not the ground truth's noise, limits the ranking "
@@ -114,7 +150,9 @@ class Verification:
 
     def to_json(self) -> dict[str, Any]:
         """The fields and the figures derived from them, as verify.json holds them."""
-        return {**dataclasses.asdict(self), "seed_std": self.seed_std, "network_std": self.network_std,
+        return {**dataclasses.asdict(self), "network_seed_accuracies": dict(self.network_seed_accuracies),
+                "seed_std": self.seed_std, "noise_std": self.noise_std, "noise_dof": self.noise_dof,
+                "network_std": self.network_std,
                 "tau_ceiling": list(self.tau_ceiling), "verdict": self.verdict, "caveats": list(self.caveats)}
 
     def format(self) -> str:
@@ -133,7 +171,11 @@ class Verification:
             f"proxy accuracy standard error: {self.proxy_stderr:.2%}",
             f"stand-alone seed-to-seed noise: reference over {len(self.reference_seed_accuracies)} seeds "
             f"{', '.join(f'{a:.2%}' for a in self.reference_seed_accuracies)}: std {self.seed_std:.2%}; "
-            f"between the networks: std {self.network_std:.2%}",
+            + (f"{len(self.network_seed_accuracies)} networks retrained with a second seed ("
+               + ", ".join(f"{name} {a[0]:.2%} then {a[1]:.2%}" for name, a in self.network_seed_accuracies)
+               + f"); pooled over all: std {self.noise_std:.2%} ({self.noise_dof} degrees of freedom); "
+               if self.network_seed_accuracies else "")
+            + f"between the networks: std {self.network_std:.2%}",
             *([] if math.isnan(low) else [f"with that noise a perfect proxy would score Kendall tau {median:.2f} "
                                           f"(10-90%: {low:.2f} to {high:.2f})"
                                           + (f"; {self.verdict}" if self.verdict else "")]),
@@ -147,11 +189,12 @@ class Verification:
             found.append(f"tau over {n} networks is coarse: one swapped pair moves it by {4 / (n * (n - 1)):.2f}")
         if math.isnan(self.kendall_tau):
             found.append("tau is undefined: all proxy or all stand-alone accuracies are equal")
-        if math.isnan(self.seed_std):
-            found.append("the ground truth's noise is unmeasured: train the reference with --seeds 2 or more")
-        elif self.network_std <= 2 * self.seed_std:
+        if math.isnan(self.noise_std):
+            found.append("the ground truth's noise is unmeasured: train the reference with --seeds 2 or more, or "
+                         "networks with --noise-networks 1 or more")
+        elif self.network_std <= 2 * self.noise_std:
             found.append(f"the networks differ by little more than seed-to-seed noise (std {self.network_std:.2%} "
-                         f"between them, {self.seed_std:.2%} between seeds): their stand-alone order is partly "
+                         f"between them, {self.noise_std:.2%} between seeds): their stand-alone order is partly "
                          "chance, and so is tau")
         return tuple(found)
 
@@ -207,6 +250,12 @@ def verified_networks(study: optuna.Study, report: Report, top: int
         ll = math.nan if ref.log_likelihood is None else ref.log_likelihood
         networks.append(("reference", ref.spec, ref.accuracy, ll, ref.predicted_latency_ms))
     return networks
+
+
+def reseeded_networks(networks: list[tuple[str, NetworkSpec, float, float, float]], k: int) -> list[int]:
+    """Which of ``networks`` (as verified_networks gives them) to train with a second seed: the indices of ``k``
+    spread evenly over them, the reference left out (its seeds are trained apart)."""
+    return _spread([i for i, (name, *_) in enumerate(networks) if name != "reference"], k)
 
 
 # One stand-alone training: (spec, its recipe with its seed).
@@ -293,12 +342,15 @@ def seed_accuracies_of(spec: NetworkSpec, data: DataSplit, settings: TrainSettin
 
 
 def verify(study: optuna.Study, *, top: int, settings: TrainSettings, device: str = "cpu",
-           out_dir: str | os.PathLike[str], progress: bool = True, seeds: int = 3, jobs: int = 1) -> Verification:
-    """Retrain ``top`` networks spanning the front and the reference with ``settings``, the reference ``seeds``
-    times (seeds ``settings.seed``, +1, ...) to measure the ground truth's own noise; ``jobs`` trainings at a
-    time (``train_all``)."""
+           out_dir: str | os.PathLike[str], progress: bool = True, seeds: int = 3, noise_networks: int = 2,
+           jobs: int = 1) -> Verification:
+    """Retrain ``top`` networks spanning the front and the reference with ``settings``; to measure the ground
+    truth's own noise, the reference ``seeds`` times (seeds ``settings.seed``, +1, ...) and ``noise_networks``
+    of the others, spread over the front, once more with seed + 1; ``jobs`` trainings at a time (``train_all``)."""
     if seeds < 1:
         raise SpecError("seeds", f"{seeds} must be positive")
+    if noise_networks < 0:
+        raise SpecError("noise_networks", f"{noise_networks} must not be negative")
     report = build_report(study, measure_latency=False)  # only its ranks: verify measures what it trains
     record, ref = report.record, report.reference
     networks = verified_networks(study, report, top)
@@ -307,10 +359,14 @@ def verify(study: optuna.Study, *, top: int, settings: TrainSettings, device: st
     trainings = [(spec, settings) for _, spec, *_ in networks]
     if ref is not None:
         trainings += [(ref.spec, dataclasses.replace(settings, seed=settings.seed + k)) for k in range(1, seeds)]
+    reseeded = reseeded_networks(networks, noise_networks)
+    trainings += [(networks[k][1], dataclasses.replace(settings, seed=settings.seed + 1)) for k in reseeded]
     results = train_all(trainings, (c.dataset, load_space(c.space).input.resolution, c.seed, c.data_dir),
                         device=device, out_dir=out_dir, jobs=jobs, progress=progress)
-    accuracies = results[:len(networks)]
-    seed_accuracies = [accuracies[-1], *results[len(networks):]] if ref is not None else []
+    accuracies, n = results[:len(networks)], len(results) - len(reseeded)
+    seed_accuracies = [accuracies[-1], *results[len(networks):n]] if ref is not None else []
+    network_seeds = tuple((networks[k][0], (accuracies[k], again)) for k, again in zip(reseeded, results[n:],
+                                                                                       strict=True))
     # Latency once all are trained, as the study's table was timed (its threads, batch and runtime), every network
     # beside the reference in interleaved rounds: timed one by one between trainings, minutes apart, each would carry
     # the machine's drift of that moment into "no slower than the reference".
@@ -324,7 +380,7 @@ def verify(study: optuna.Study, *, top: int, settings: TrainSettings, device: st
     tau_ll = rank_agreement([r.proxy_log_likelihood for r in rows], standalone)[0]
     stderr = record.proxy_stderr(ref.accuracy if ref is not None else statistics.fmean(proxy))
     return Verification(study.study_name, c.dataset, dataclasses.asdict(settings), tuple(rows), tau, rho, tau_ll,
-                        stderr, tuple(seed_accuracies))
+                        stderr, tuple(seed_accuracies), network_seeds)
 
 
 def verify_figure(v: Verification) -> go.Figure:

@@ -18,7 +18,7 @@ from nas.spec import spec_to_dict
 from nas.standalone import rank_agreement
 from nas.study import CONSTRAINT, Reference, SearchConfig, StudyRecord
 from nas.train import TrainSettings
-from nas.verify import Verification, VerifyRow, select_networks, verify, write_verification
+from nas.verify import Verification, VerifyRow, pooled_std, select_networks, verify, write_verification
 
 
 def test_train_on_digits_beats_chance_by_a_clear_margin(tmp_path: Path) -> None:
@@ -103,7 +103,7 @@ def test_verify_retrains_a_tiny_study(tmp_path: Path) -> None:
             values=[acc, ms], user_attrs={"spec": spec_to_dict(spec), "proxy_log_likelihood": log_lik},
             constraints={CONSTRAINT: ms - 10.0}))
     v = verify(study, top=3, settings=TrainSettings(epochs=1, batch_size=128, random_subnets=0), device="cpu",
-               out_dir=tmp_path / "verify", progress=False)
+               out_dir=tmp_path / "verify", progress=False, noise_networks=0)
     assert [r.proxy_accuracy for r in v.rows] == [0.9, 0.8, 0.7]
     assert [r.predicted_ms for r in v.rows] == [3.0, 2.0, 1.0]
     standalone = [r.standalone_accuracy for r in v.rows]
@@ -115,9 +115,21 @@ def test_verify_retrains_a_tiny_study(tmp_path: Path) -> None:
     assert written["rows"][0]["name"] == "rank01-trial0000"
     assert written["caveats"][:2] == ["tau over 3 networks is coarse: one swapped pair moves it by 0.67",
                                       "the ground truth's noise is unmeasured: train the reference with --seeds 2 or "
-                                      "more"]
+                                      "more, or networks with --noise-networks 1 or more"]
     assert "! tau over 3 networks is coarse" in v.format()
     assert "Plotly.newPlot" in paths["html"].read_text()
+    # No reference, but the most accurate and the fastest retrained with seed 1: the noise is measured on them
+    # (the three seed-0 trainings come back from their checkpoints).
+    again = verify(study, top=3, settings=TrainSettings(epochs=1, batch_size=128, random_subnets=0), device="cpu",
+                   out_dir=tmp_path / "verify", progress=False, noise_networks=2)
+    assert [r.standalone_accuracy for r in again.rows] == standalone
+    assert [name for name, _ in again.network_seed_accuracies] == ["rank01-trial0000", "rank03-trial0002"]
+    assert [a[0] for _, a in again.network_seed_accuracies] == [standalone[0], standalone[2]]
+    assert again.noise_dof == 2 and again.noise_std == pytest.approx(pooled_std(
+        [a for _, a in again.network_seed_accuracies])) and not any("unmeasured" in c for c in again.caveats)
+    assert "2 networks retrained with a second seed (rank01-trial0000" in again.format()
+    with pytest.raises(nas.SpecError, match=r"^noise_networks: -1 must not be negative$"):
+        verify(study, top=3, settings=TrainSettings(), out_dir=tmp_path / "v", progress=False, noise_networks=-1)
 
 
 def _study_of(points: list[tuple[float, float]], limit: float = 10.0, repeat: dict[int, int] | None = None
@@ -183,7 +195,9 @@ def test_verify_measures_the_ground_truths_own_noise_on_the_reference(tmp_path: 
     assert len(v.reference_seed_accuracies) == 2 and v.reference_seed_accuracies[0] == ref_row.standalone_accuracy
     assert v.proxy_stderr == pytest.approx(math.sqrt(0.75 * 0.25 / 359))  # at the reference's proxy accuracy
     noisy = any("differ by little more than seed-to-seed noise" in c for c in v.caveats)
-    assert noisy == (v.network_std <= 2 * v.seed_std) and "stand-alone seed-to-seed noise" in v.format()
+    assert noisy == (v.network_std <= 2 * v.noise_std) and "stand-alone seed-to-seed noise" in v.format()
+    # The default: 2 of the 2 found networks retrained once more, pooled with the reference's 2 seeds.
+    assert [name for name, _ in v.network_seed_accuracies] == [r.name for r in v.rows[:2]] and v.noise_dof == 3
     with pytest.raises(nas.SpecError, match=r"^seeds: 0 must be positive$"):
         verify(study, top=2, settings=TrainSettings(), out_dir=tmp_path / "v", progress=False, seeds=0)
 
@@ -191,6 +205,25 @@ def test_verify_measures_the_ground_truths_own_noise_on_the_reference(tmp_path: 
 def _verification(standalone: list[float], seeds: tuple[float, ...]) -> Verification:
     rows = tuple(VerifyRow(f"n{i}", a, -1.0, a, 1.0, 1.0) for i, a in enumerate(standalone))
     return Verification("s", "digits", {"epochs": 1}, rows, 1.0, 1.0, 1.0, 0.01, seeds)
+
+
+def test_pooled_std_from_known_numbers() -> None:
+    # Squared deviations 2 (1, 3 around 2) and 8 (4, 8 around 6) over 1 + 1 degrees of freedom; one seed adds none.
+    assert pooled_std([(1.0, 3.0), (4.0, 8.0), (5.0,)]) == pytest.approx(math.sqrt(10 / 2))
+    assert pooled_std([(1.0, 2.0, 3.0)]) == pytest.approx(statistics.stdev([1.0, 2.0, 3.0]))
+    assert math.isnan(pooled_std([(1.0,), ()]))
+
+
+def test_the_ceiling_reads_the_noise_pooled_over_every_reseeded_network() -> None:
+    # The reference alone repeats exactly; a network that moves by 4 points between seeds says the recipe is noisy.
+    exact = _verification([0.50, 0.51, 0.52], (0.6, 0.6))
+    assert exact.tau_ceiling == (1.0, 1.0, 1.0) and exact.noise_std == 0.0
+    pooled = dataclasses.replace(exact, network_seed_accuracies=(("n0", (0.50, 0.54)),))
+    assert pooled.seed_std == 0.0 and pooled.noise_std == pytest.approx(0.02)  # sqrt((0 + 0.0008) / 2 dof)
+    assert pooled.tau_ceiling == (0.0, 0.0, 0.0) and pooled.verdict.startswith("the ground truth is all noise")
+    assert "pooled over all: std 2.00% (2 degrees of freedom)" in pooled.format()
+    written = pooled.to_json()
+    assert written["network_seed_accuracies"] == {"n0": (0.50, 0.54)} and written["noise_dof"] == 2
 
 
 def test_tau_ceiling_is_what_a_perfect_proxy_scores_against_the_measured_noise() -> None:
