@@ -485,7 +485,8 @@ def ground_truth(size: str, run: str, config: SearchConfig, recipe: TrainSetting
         # does the ranking a short ground truth gives hold at a longer one?
         if random_networks is None:
             short = list(truth.values())
-        elif all(checkpoint_for(spec, data, recipe, None, out / "checkpoints").exists() for _, spec, *_ in networks):
+        elif all((path := checkpoint_for(spec, data, recipe, None, out / "checkpoints")).exists()
+                 and len(load_checkpoint(path)["history"]) == recipe.epochs for _, spec, *_ in networks):  # finished
             short = train_all([(spec, recipe) for _, spec, *_ in networks], dataset, device=config.device,
                               out_dir=out, jobs=SIZES[size].jobs)
         else:
