@@ -171,7 +171,8 @@ class Verification:
             f"proxy accuracy standard error: {self.proxy_stderr:.2%}",
             f"stand-alone seed-to-seed noise: reference over {len(self.reference_seed_accuracies)} seeds "
             f"{', '.join(f'{a:.2%}' for a in self.reference_seed_accuracies)}: std {self.seed_std:.2%}; "
-            + (f"{len(self.network_seed_accuracies)} networks retrained with a second seed ("
+            + (f"{len(self.network_seed_accuracies)} network{'s' * (len(self.network_seed_accuracies) != 1)} "
+               "retrained with a second seed ("
                + ", ".join(f"{name} {a[0]:.2%} then {a[1]:.2%}" for name, a in self.network_seed_accuracies)
                + f"); pooled over all: std {self.noise_std:.2%} ({self.noise_dof} degrees of freedom); "
                if self.network_seed_accuracies else "")

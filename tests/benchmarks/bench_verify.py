@@ -295,11 +295,11 @@ def main() -> None:
         f"| trials within the {report.limit_ms:.3f} ms limit / feasible Pareto front | {feasible} / "
         f"{len(report.pareto)} |",
         f"| retraining {len(v.rows)} networks ({recipe.epochs} epochs each), the reference for {size.seeds - 1} "
-        f"more seeds and {len(v.network_seed_accuracies)} networks for one more | {verify_s / 60:.1f} min |",
+        f"more seeds and {len(v.network_seed_accuracies)} of them for one more | {verify_s / 60:.1f} min |",
         f"| proxy accuracy standard error | {v.proxy_stderr:.2%} |",
         f"| stand-alone seed-to-seed std: reference ({size.seeds} seeds) / pooled with "
-        f"{len(v.network_seed_accuracies)} networks' second seeds ({v.noise_dof} degrees of freedom) / std between "
-        f"the networks | {v.seed_std:.2%} / {v.noise_std:.2%} / {v.network_std:.2%} |",
+        f"{len(v.network_seed_accuracies)} of the networks' second seeds ({v.noise_dof} degrees of freedom) / std "
+        f"between the networks | {v.seed_std:.2%} / {v.noise_std:.2%} / {v.network_std:.2%} |",
         f"| the re-seeded networks, seed {args.seed} then {args.seed + 1} | " + ", ".join(
             f"{name} {a[0]:.2%} then {a[1]:.2%}" for name, a in v.network_seed_accuracies) + " |",
         "| Kendall tau a perfect proxy would score against this ground truth, median (10-90%) | "
