@@ -63,6 +63,11 @@ def pooled_std(groups: Iterable[Sequence[float]]) -> float:
     return math.sqrt(squares / dof) if dof else math.nan
 
 
+def seed_pairs_text(pairs: Iterable[tuple[str, Sequence[float]]]) -> str:
+    """Re-seeded networks as verify prints them: "rank01-trial0042 55.10% then 54.30%, ..."."""
+    return ", ".join(f"{name} {a[0]:.2%} then {a[1]:.2%}" for name, a in pairs)
+
+
 def tau_ceiling(standalone: list[float], seed_std: float) -> tuple[float, float, float]:
     """The Kendall tau a perfect proxy would score against stand-alone accuracies whose retraining noise has std
     ``seed_std``: (10th percentile, median, 90th) over simulated retrainings; NaN while the noise is unmeasured.
@@ -173,7 +178,7 @@ class Verification:
             f"{', '.join(f'{a:.2%}' for a in self.reference_seed_accuracies)}: std {self.seed_std:.2%}; "
             + (f"{len(self.network_seed_accuracies)} network{'s' * (len(self.network_seed_accuracies) != 1)} "
                "retrained with a second seed ("
-               + ", ".join(f"{name} {a[0]:.2%} then {a[1]:.2%}" for name, a in self.network_seed_accuracies)
+               + seed_pairs_text(self.network_seed_accuracies)
                + f"); pooled over all: std {self.noise_std:.2%} ({self.noise_dof} degrees of freedom); "
                if self.network_seed_accuracies else "")
             + f"between the networks: std {self.network_std:.2%}",

@@ -55,7 +55,7 @@ from nas.spec import NetworkSpec
 from nas.study import StudyRecord
 from nas.supernet import Supernet
 from nas.train import TrainSettings
-from nas.verify import seed_accuracies_of, verify, write_verification
+from nas.verify import seed_accuracies_of, seed_pairs_text, verify, write_verification
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = Path(os.environ.get("OUT", ROOT / "results" / "benchmarks"))
@@ -300,8 +300,8 @@ def main() -> None:
         f"| stand-alone seed-to-seed std: reference ({size.seeds} seeds) / pooled with "
         f"{len(v.network_seed_accuracies)} of the networks' second seeds ({v.noise_dof} degrees of freedom) / std "
         f"between the networks | {v.seed_std:.2%} / {v.noise_std:.2%} / {v.network_std:.2%} |",
-        f"| the re-seeded networks, seed {args.seed} then {args.seed + 1} | " + ", ".join(
-            f"{name} {a[0]:.2%} then {a[1]:.2%}" for name, a in v.network_seed_accuracies) + " |",
+        f"| the re-seeded networks, seed {args.seed} then {args.seed + 1} | "
+        f"{seed_pairs_text(v.network_seed_accuracies)} |",
         "| Kendall tau a perfect proxy would score against this ground truth, median (10-90%) | "
         "{1:.2f} ({0:.2f} to {2:.2f}) |".format(*v.tau_ceiling),
         f"| Kendall tau / Spearman rho, proxy accuracy vs stand-alone, {len(v.rows)} networks (goal tau >= 0.7) | "
@@ -475,12 +475,11 @@ def ground_truth(size: str, run: str, config: SearchConfig, recipe: TrainSetting
         reseeded = reseeded_networks(networks, SIZES[size].noise_networks)
         again = train_all([(networks[k][1], dataclasses.replace(trained, seed=trained.seed + 1)) for k in reseeded],
                           dataset, device=config.device, out_dir=out, jobs=SIZES[size].jobs)
-        seed_std = pooled_std([reference, *((standalone[k], a) for k, a in zip(reseeded, again, strict=True))])
+        pairs = [(networks[k][0], (standalone[k], a)) for k, a in zip(reseeded, again, strict=True)]
+        seed_std = pooled_std([reference, *(a for _, a in pairs)])
         how += (f", the reference's seed-to-seed std at {trained.epochs} epochs {statistics.stdev(reference):.2%}, "
                 f"seeds {seeds.start}-{seeds.stop - 1}, mean {statistics.fmean(reference):.2%}; pooled with "
-                f"{len(reseeded)} of the networks' second seeds, " + ", ".join(
-                    f"{networks[k][0]} {standalone[k]:.2%} then {a:.2%}" for k, a in zip(reseeded, again, strict=True))
-                + f": {seed_std:.2%})")
+                f"{len(reseeded)} of the networks' second seeds, {seed_pairs_text(pairs)}: {seed_std:.2%})")
         # Against the run's own ground truth on the same networks, where it exists (no hidden trainings): how far
         # does the ranking a short ground truth gives hold at a longer one?
         if random_networks is None:
