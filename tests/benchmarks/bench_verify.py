@@ -55,7 +55,7 @@ from nas.spec import NetworkSpec
 from nas.study import StudyRecord
 from nas.supernet import Supernet
 from nas.train import TrainSettings
-from nas.verify import seed_accuracies_of, seed_pairs_text, verify, write_verification
+from nas.verify import pooled_std, seed_accuracies_of, seed_pairs_text, verify, write_verification
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = Path(os.environ.get("OUT", ROOT / "results" / "benchmarks"))
@@ -163,6 +163,9 @@ def main() -> None:
                          "(its own study, cifar10-SIZE-seedN)")
     ap.add_argument("--noise-epochs", type=int, nargs="+", default=None, metavar="N",
                     help="instead: the stand-alone recipe's seed-to-seed noise on the reference at N epochs")
+    ap.add_argument("--noise-networks", type=int, default=0, metavar="K",
+                    help="with --noise-epochs: K random members of the space with no more FLOPs than the reference "
+                         "trained with the same seeds beside it: the noise pooled over networks, not one network's")
     ap.add_argument("--compare-jobs", type=int, default=None, metavar="N",
                     help="instead: the reference and 3 random networks trained 1 epoch with the recipe, one at a "
                          "time and N at a time (nas verify --jobs), alternately twice: wall time of each")
@@ -199,6 +202,10 @@ def main() -> None:
         ap.error("--noise-epochs, --compare-jobs, --proxy and --calibration are separate runs: give one")
     if args.seed and args.noise_epochs:
         ap.error("argument --seed: not used with --noise-epochs, which trains seeds 0-2")
+    if args.noise_networks and not args.noise_epochs:
+        ap.error("argument --noise-networks: only with --noise-epochs")
+    if args.noise_networks < 0:
+        ap.error(f"argument --noise-networks: {args.noise_networks} is negative")
     if args.compare_jobs is not None and args.compare_jobs < 2:
         ap.error(f"argument --compare-jobs: {args.compare_jobs} is not 2 or more")
     size = SIZES[args.size]
@@ -216,7 +223,7 @@ def main() -> None:
     if args.noise_epochs or args.compare_jobs:  # untimed by the clock, which sums the whole benchmark's phases
         train = training_images()
         if train is not None and args.noise_epochs:
-            noise(args.size, recipe, device, train, work, args.noise_epochs)
+            noise(args.size, recipe, device, train, work, args.noise_epochs, args.noise_networks)
         elif train is not None:
             compare_jobs(args.size, recipe, device, train, work, args.compare_jobs)
         return
@@ -686,32 +693,80 @@ def compare_jobs(size: str, recipe: TrainSettings, device: str, train: Path, wor
         f"floating-point sums).\n\n" + "\n".join(table), record=SIZES[size].record)
 
 
-def noise(size: str, recipe: TrainSettings, device: str, train: Path, work: Path, epochs: list[int]) -> None:
-    """The reference trained with NOISE_SEEDS seeds at each of ``epochs`` (the recipe otherwise), as verify trains it:
-    how long must a ground truth train before its seed-to-seed noise is small against the networks' spread?"""
+def small_members(space: SearchSpace, k: int, seed: int = 0) -> list[NetworkSpec]:
+    """``k`` distinct random members of ``space`` with no more FLOPs than its reference (seeded): networks like those
+    a search under the reference's latency chooses among, found without a latency table (FLOPs are the machine's
+    stand-in for latency: torch.utils.flop_counter, through nas.summary)."""
+    from nas.summary import summarize
+    cap = summarize(space.reference_member(), latency=False).flops
+    rng, chosen = random.Random(seed), []
+    for _ in range(1000 * k):
+        if len(chosen) == k:
+            break
+        spec = space.sample(rng)
+        if spec not in chosen and summarize(spec, latency=False).flops <= cap:
+            chosen.append(spec)
+    if len(chosen) == k:
+        return chosen
+    raise SystemExit(f"error: --noise-networks: found only {len(chosen)} members within the reference's FLOPs")
+
+
+def noise(size: str, recipe: TrainSettings, device: str, train: Path, work: Path, epochs: list[int],
+          networks: int = 0) -> None:
+    """The reference trained with NOISE_SEEDS seeds at each of ``epochs`` (the recipe otherwise), as verify trains it,
+    and beside it ``networks`` random members no dearer in FLOPs: how long must a ground truth train before its
+    seed-to-seed noise is small against the networks' spread, and is one network's noise every network's?"""
     from nas.data import load_for
     from nas.space import load_space
     space, data = load_for(load_space("mobilenetv3_compact"), f"folder:{train}", data_dir=work / "data")
-    reference = space.reference_member()
+    named = [("reference", space.reference_member())]
+    named += [(f"random{i:02d}", spec) for i, spec in enumerate(small_members(space, networks), 1)]
     rows = []
     for n in epochs:
         t = time.perf_counter()
-        accs = seed_accuracies_of(reference, data, dataclasses.replace(recipe, epochs=n), range(NOISE_SEEDS),
-                                  device=device, out_dir=work / f"cifar10-{size}" / "verify")
-        rows.append({"epochs": n, "accuracies": accs, "std": statistics.stdev(accs),
-                     "seconds": time.perf_counter() - t})
+        accs = {name: seed_accuracies_of(spec, data, dataclasses.replace(recipe, epochs=n), range(NOISE_SEEDS),
+                                         device=device, out_dir=work / f"cifar10-{size}" / "verify")
+                for name, spec in named}
+        rows.append({"epochs": n, "accuracies": accs, "std": {k: statistics.stdev(a) for k, a in accs.items()},
+                     "pooled_std": pooled_std(accs.values()), "pooled_dof": len(named) * (NOISE_SEEDS - 1),
+                     "std_of_means": statistics.stdev(statistics.fmean(a) for a in accs.values())
+                     if networks else math.nan, "seconds": time.perf_counter() - t})
         print(rows[-1], flush=True)
-    (OUT / f"verify-noise-{size}.json").write_text(json.dumps(rows, indent=2))
-    table = ["| stand-alone epochs | accuracy, seeds 0-2 | seed-to-seed std | mean |", "|---|---|---|---|"]
-    table += [f"| {r['epochs']} | {', '.join(f'{a:.2%}' for a in r['accuracies'])} | {r['std']:.2%} | "
-              f"{statistics.fmean(r['accuracies']):.2%} |" for r in rows]
-    write_section(f"verify-noise-{size}", "How noisy is the stand-alone ground truth? (the reference, 3 seeds)",
-                  f"`python tests/benchmarks/bench_verify.py --size {size} --noise-epochs "
-                  f"{' '.join(map(str, epochs))}`: MobileNetV3 (the compact space's reference) trained from scratch "
-                  f"on the CIFAR-10 split above with verify's {size} recipe (batch {recipe.batch_size}, lr "
-                  f"{recipe.lr} cosine, label smoothing {recipe.label_smoothing}, random crop and flip) but for N "
-                  f"epochs, seeds 0, 1, 2; validation accuracy after BN re-estimation.\n\n" + "\n".join(table),
-                  record=SIZES[size].record)
+    seeds = f"seeds 0-{NOISE_SEEDS - 1}"
+    command = (f"`python tests/benchmarks/bench_verify.py --size {size} --noise-epochs {' '.join(map(str, epochs))}"
+               + (f" --noise-networks {networks}`" if networks else "`"))
+    recipe_text = (f"verify's {size} recipe (batch {recipe.batch_size}, lr {recipe.lr} cosine, label smoothing "
+                   f"{recipe.label_smoothing}, random crop and flip) but for N epochs")
+    if not networks:  # the reference alone: the section recorded before --noise-networks
+        (OUT / f"verify-noise-{size}.json").write_text(json.dumps(rows, indent=2))
+        table = ["| stand-alone epochs | accuracy, seeds 0-2 | seed-to-seed std | mean |", "|---|---|---|---|"]
+        table += [f"| {r['epochs']} | {', '.join(f'{a:.2%}' for a in r['accuracies']['reference'])} | "
+                  f"{r['std']['reference']:.2%} | {statistics.fmean(r['accuracies']['reference']):.2%} |"
+                  for r in rows]
+        write_section(f"verify-noise-{size}", "How noisy is the stand-alone ground truth? (the reference, 3 seeds)",
+                      f"{command}: MobileNetV3 (the compact space's reference) trained from scratch on the CIFAR-10 "
+                      f"split above with {recipe_text}, {seeds}; validation accuracy after BN re-estimation.\n\n"
+                      + "\n".join(table), record=SIZES[size].record)
+        return
+    (OUT / f"verify-noise-pooled-{size}.json").write_text(json.dumps(rows, indent=2))
+    table = ["| stand-alone epochs | network | accuracy, " + seeds + " | seed-to-seed std | mean |",
+             "|---|---|---|---|---|"]
+    for r in rows:
+        table += [f"| {r['epochs']} | {name} | {', '.join(f'{a:.2%}' for a in accs)} | {r['std'][name]:.2%} | "
+                  f"{statistics.fmean(accs):.2%} |" for name, accs in r["accuracies"].items()]
+        table.append(f"| {r['epochs']} | pooled over {len(named)} networks ({r['pooled_dof']} degrees of freedom) / "
+                     f"std between their means | | {r['pooled_std']:.2%} | {r['std_of_means']:.2%} |")
+    write_section(f"verify-noise-pooled-{size}",
+                  f"Is one network's seed noise every network's? (the reference and {networks} random networks, "
+                  f"{NOISE_SEEDS} seeds each)",
+                  f"{command}: MobileNetV3 (the compact space's reference) and {networks} distinct random members of "
+                  f"the space with no more FLOPs than it (seed 0; torch.utils.flop_counter, FLOPs standing in for "
+                  f"the latency limit a search would set), each trained from scratch on the CIFAR-10 split above "
+                  f"with {recipe_text}, {seeds}; validation accuracy after BN re-estimation. Pooled: each network's "
+                  f"squared deviations from its own mean, summed over networks, over their summed degrees of freedom "
+                  f"(`nas.verify.pooled_std`, what `nas verify` reads its ceiling from). The std between the means "
+                  f"still holds noise (its std over sqrt {NOISE_SEEDS}); {len(named)} networks are too few to rank."
+                  f"\n\n" + "\n".join(table), record=SIZES[size].record)
 
 
 if __name__ == "__main__":
