@@ -99,6 +99,12 @@ def _put(section: str) -> None:
     BENCHMARKS.write_text(text)
 
 
+def recorded_sections(pattern: str) -> dict[str, str]:
+    """The sections of results/BENCHMARKS.md whose whole name matches the regex ``pattern``: name -> text."""
+    text = BENCHMARKS.read_text() if BENCHMARKS.exists() else ""
+    return {m.group(1): m.group(0) for m in _SECTION.finditer(text) if re.fullmatch(pattern, m.group(1))}
+
+
 def write_section(name: str, title: str, body: str, *, record: bool = True) -> None:
     """Replace (or append) the section ``name`` of results/BENCHMARKS.md (unless not ``record``: a trial run),
     stamped with date and machine. On the device machine ($OUT set) also into $OUT/bench-NAME.md: only $OUT comes

@@ -34,6 +34,7 @@ import json
 import math
 import os
 import random
+import re
 import statistics
 import sys
 import threading
@@ -44,7 +45,7 @@ import torch
 import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _report import cifar_images, write_section
+from _report import cifar_images, recorded_sections, write_section
 
 from nas._schema import to_data
 from nas.data import DataSplit
@@ -55,7 +56,7 @@ from nas.spec import NetworkSpec
 from nas.study import StudyRecord
 from nas.supernet import Supernet
 from nas.train import TrainSettings
-from nas.verify import pooled_std, seed_accuracies_of, seed_pairs_text, verify, write_verification
+from nas.verify import pooled_std, seed_accuracies_of, seed_pairs_text, tau_ceiling, verify, write_verification
 
 ROOT = Path(__file__).resolve().parents[2]
 OUT = Path(os.environ.get("OUT", ROOT / "results" / "benchmarks"))
@@ -429,7 +430,7 @@ def ground_truth(size: str, run: str, config: SearchConfig, recipe: TrainSetting
     from nas.standalone import checkpoint_for, rank_agreement
     from nas.study import load_study
     from nas.train import load_checkpoint
-    from nas.verify import pooled_std, reseeded_networks, tau_ceiling, train_all, verified_networks
+    from nas.verify import reseeded_networks, train_all, verified_networks
 
     recorded = config.study_dir / "verify.json"
     if not recorded.exists():
@@ -711,6 +712,14 @@ def small_members(space: SearchSpace, k: int, seed: int = 0) -> list[NetworkSpec
     raise SystemExit(f"error: --noise-networks: found only {len(chosen)} members within the reference's FLOPs")
 
 
+def recorded_standalone(size: str) -> dict[str, list[float]]:
+    """The stand-alone accuracies in each recorded base run of ``size`` (its section's network table, as
+    :func:`main` writes it: network | proxy acc | proxy log-lik | stand-alone acc | ...), by section name."""
+    row = re.compile(r"^\| \S+ \| [\d.]+% \| -?[\d.]+ \| ([\d.]+)% \|", re.M)
+    return {name: [float(a) / 100 for a in row.findall(text)]
+            for name, text in recorded_sections(rf"verify-cifar10-{re.escape(size)}(-seed\d+)?").items()}
+
+
 def noise(size: str, recipe: TrainSettings, device: str, train: Path, work: Path, epochs: list[int],
           networks: int = 0) -> None:
     """The reference trained with NOISE_SEEDS seeds at each of ``epochs`` (the recipe otherwise), as verify trains it,
@@ -748,14 +757,31 @@ def noise(size: str, recipe: TrainSettings, device: str, train: Path, work: Path
                       f"split above with {recipe_text}, {seeds}; validation accuracy after BN re-estimation.\n\n"
                       + "\n".join(table), record=SIZES[size].record)
         return
-    (OUT / f"verify-noise-pooled-{size}.json").write_text(json.dumps(rows, indent=2))
+    from scipy.stats import chi2
+    for r in rows:  # the pooled std's 90% interval, for normal noise: dof * s^2 / sigma^2 is chi-square
+        r["pooled_std_90"] = [r["pooled_std"] * math.sqrt(r["pooled_dof"] / chi2.ppf(q, r["pooled_dof"]))
+                              for q in (0.95, 0.05)]
+    # What the noise at the recipe's own epochs leaves of a ranking: the ceiling on each recorded base run's networks
+    fronts = recorded_standalone(size)
+    at_recipe = next((r for r in rows if r["epochs"] == recipe.epochs), None)
+    ceilings = {run: tau_ceiling(accs, at_recipe["pooled_std"]) for run, accs in fronts.items()} if at_recipe else {}
+    (OUT / f"verify-noise-pooled-{size}.json").write_text(json.dumps({"rows": rows, "ceilings": ceilings}, indent=2))
     table = ["| stand-alone epochs | network | accuracy, " + seeds + " | seed-to-seed std | mean |",
              "|---|---|---|---|---|"]
     for r in rows:
         table += [f"| {r['epochs']} | {name} | {', '.join(f'{a:.2%}' for a in accs)} | {r['std'][name]:.2%} | "
                   f"{statistics.fmean(accs):.2%} |" for name, accs in r["accuracies"].items()]
-        table.append(f"| {r['epochs']} | pooled over {len(named)} networks ({r['pooled_dof']} degrees of freedom) / "
-                     f"std between their means | | {r['pooled_std']:.2%} | {r['std_of_means']:.2%} |")
+        low, high = r["pooled_std_90"]
+        table.append(f"| {r['epochs']} | pooled over {len(named)} networks ({r['pooled_dof']} degrees of freedom; 90% "
+                     f"interval {low:.2%} to {high:.2%}) / std between their means | | {r['pooled_std']:.2%} | "
+                     f"{r['std_of_means']:.2%} |")
+    if ceilings:
+        table += ["", f"Taken as every network's noise, the pooled std at the recipe's {recipe.epochs} epochs "
+                  f"({at_recipe['pooled_std']:.2%}) puts a perfect proxy's Kendall tau against the stand-alone "
+                  f"accuracies each recorded run retrained (`nas.verify.tau_ceiling`) at:", "",
+                  "| recorded run | networks | tau ceiling, median (10-90%) |", "|---|---|---|"]
+        table += [f"| {run} | {len(fronts[run])} | {c[1]:.2f} ({c[0]:.2f} to {c[2]:.2f}) |"
+                  for run, c in ceilings.items()]
     write_section(f"verify-noise-pooled-{size}",
                   f"Is one network's seed noise every network's? (the reference and {networks} random networks, "
                   f"{NOISE_SEEDS} seeds each)",
