@@ -311,7 +311,7 @@ def main() -> None:
         f"| the re-seeded networks, seed {args.seed} then {args.seed + 1} | "
         f"{seed_pairs_text(v.network_seed_accuracies)} |",
         "| Kendall tau a perfect proxy would score against this ground truth, median (10-90%) | "
-        "{1:.2f} ({0:.2f} to {2:.2f}) |".format(*v.tau_ceiling),
+        f"{ceiling_text(v.tau_ceiling)} |",
         f"| Kendall tau / Spearman rho, proxy accuracy vs stand-alone, {len(v.rows)} networks (goal tau >= 0.7) | "
         f"{v.kendall_tau:.3f} / {v.spearman_rho:.3f} |",
         f"| Kendall tau, proxy log-likelihood vs stand-alone | {v.kendall_tau_log_likelihood:.3f} |",
@@ -508,11 +508,18 @@ def ground_truth(size: str, run: str, config: SearchConfig, recipe: TrainSetting
                        None if trained == recipe else trained.epochs, f"{text}, ranked against their accuracies {how}")
 
 
+def ceiling_text(ceiling: tuple[float, float, float]) -> str:
+    """A tau ceiling (10th percentile, median, 90th; nas.verify.tau_ceiling) as the sections print it: "0.41 (0.18 to
+    0.62)"."""
+    low, median, high = ceiling
+    return f"{median:.2f} ({low:.2f} to {high:.2f})"
+
+
 def _tau_note(truth: GroundTruth) -> str:
-    n, (low, median, high) = len(truth.networks), truth.ceiling
+    n = len(truth.networks)
     return (f"The ground truth is the same in every row, so the rows compare as pairs; a tau over {n} networks still "
             f"has a standard error of {math.sqrt(2 * (2 * n + 5) / (9 * n * (n - 1))):.2f} (no correlation). A "
-            f"perfect proxy would score {median:.2f} ({low:.2f} to {high:.2f}) against it.")
+            f"perfect proxy would score {ceiling_text(truth.ceiling)} against it.")
 
 
 def _own_supernet(config: SearchConfig) -> str:
@@ -780,8 +787,7 @@ def noise(size: str, recipe: TrainSettings, device: str, train: Path, work: Path
                   f"({at_recipe['pooled_std']:.2%}) puts a perfect proxy's Kendall tau against the stand-alone "
                   f"accuracies each recorded run retrained (`nas.verify.tau_ceiling`) at:", "",
                   "| recorded run | networks | tau ceiling, median (10-90%) |", "|---|---|---|"]
-        table += [f"| {run} | {len(fronts[run])} | {c[1]:.2f} ({c[0]:.2f} to {c[2]:.2f}) |"
-                  for run, c in ceilings.items()]
+        table += [f"| {run} | {len(fronts[run])} | {ceiling_text(c)} |" for run, c in ceilings.items()]
     write_section(f"verify-noise-pooled-{size}",
                   f"Is one network's seed noise every network's? (the reference and {networks} random networks, "
                   f"{NOISE_SEEDS} seeds each)",
