@@ -17,7 +17,7 @@ them with BN re-estimated on N batches, from two sets of images: how far the set
 Goals: Kendall tau >= 0.7 over >= 12 networks; at least 7 of the 10 most proxy-accurate found networks beat the
 reference stand-alone at no more measured latency; the best found >= reference + 1.5 points.
 
-Sizes: ``cpu`` takes about 55 minutes on a 2-core machine (80 before training fed channels-last batches); ``gpu``
+Sizes: ``cpu`` takes 40-55 minutes on a 2-core machine (80 before training fed channels-last batches); ``gpu``
 is sized for one device call on an H200 (about 8 minutes estimated from the launch-bound step times of an earlier
 H200 run; see SIZES below), run there by tests/benchmarks/on_device.sh; ``tiny`` tries that whole path here in a
 few minutes (100 images a class, 1 epoch) and records nothing in BENCHMARKS.md. Work (images, decoded cache,
@@ -281,7 +281,8 @@ def main() -> None:
                "train_images": len(prepared.data.train), "val_images": len(prepared.data.val),
                "prepare_s": prepare_s, "search_s": search_s, "trials": outcome.completed, "runs": clock.runs,
                "feasible": feasible, "limit_ms": report.limit_ms, "pareto_size": len(report.pareto),
-               "verify_s": verify_s, "total_s": total_s, "supernet": supernet.__dict__, "recipe": recipe.__dict__,
+               "verify_s": verify_s, "total_s": total_s, "supernet": dataclasses.asdict(config.supernet_settings),
+               "recipe": dataclasses.asdict(recipe),
                "beat_reference_of_top10": len(beat),
                "beat_reference_mean_of_top10": len(beat_mean), **v.to_json()}
     OUT.mkdir(parents=True, exist_ok=True)
@@ -562,8 +563,8 @@ def rescore(size: str, run: str, config: SearchConfig, labels: list[str], varian
         # the run's own supernet should score as the study recorded: a check that this is its proxy (random
         # networks have no recorded proxy: NaN)
         gaps = [abs(a - p) for a, (_, _, p, *_) in zip(accuracy, networks, strict=True) if not math.isnan(p)]
-        rows.append({"supernet": label, "settings": dataclasses.asdict(variant), "supernet_s": seconds,
-                     "kendall_tau": tau, "spearman_rho": rho,
+        rows.append({"supernet": label, "settings": dataclasses.asdict(dataclasses.replace(variant, seed=config.seed)),
+                     "supernet_s": seconds, "kendall_tau": tau, "spearman_rho": rho,
                      "kendall_tau_log_likelihood": rank_agreement([sc.log_likelihood for sc in scores], standalone)[0],
                      "proxy_std": statistics.stdev(accuracy), "proxy_accuracy": accuracy,
                      "max_gap_to_study": max(gaps, default=math.nan)})
