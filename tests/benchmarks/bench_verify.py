@@ -529,16 +529,17 @@ def _own_supernet(config: SearchConfig) -> str:
             f"subnet(s) a step, label smoothing {s.label_smoothing})")
 
 
-def _supernet(config: SearchConfig, truth: GroundTruth, settings: TrainSettings) -> tuple[Supernet, float]:
+def _supernet(config: SearchConfig, truth: GroundTruth, settings: TrainSettings
+              ) -> tuple[Supernet, float, TrainSettings]:
     """A supernet of the run's space and data trained with ``settings`` (the run's seed), cached beside the run's own;
-    and its training seconds as its checkpoint recorded them."""
+    its training seconds as its checkpoint recorded them; and the settings it was trained with, seed included."""
     from nas.train import checkpoint_path, train_supernet
 
     settings = dataclasses.replace(settings, seed=config.seed)
     trained = train_supernet(truth.space, truth.data, settings, device=config.device,
                              checkpoint=checkpoint_path(truth.space, truth.data, settings,
                                                         config.results_dir / "supernets"))
-    return trained.supernet, sum(h["seconds"] for h in trained.history)  # a reused checkpoint keeps its history
+    return trained.supernet, sum(h["seconds"] for h in trained.history), settings  # a reused one keeps its history
 
 
 def rescore(size: str, run: str, config: SearchConfig, labels: list[str], variants: list[TrainSettings],
@@ -556,15 +557,15 @@ def rescore(size: str, run: str, config: SearchConfig, labels: list[str], varian
     flops = [summarize(spec, latency=False).flops for _, spec, *_ in networks]
     rows = []
     for label, variant in zip(["the run's own", *labels], [config.supernet, *variants], strict=True):
-        supernet, seconds = _supernet(config, truth, variant)
+        supernet, seconds, seeded = _supernet(config, truth, variant)
         scores = [score_subnet(supernet, spec, truth.data, calibration, device=device) for _, spec, *_ in networks]
         accuracy = [sc.accuracy for sc in scores]
         tau, rho = rank_agreement(accuracy, standalone)
         # the run's own supernet should score as the study recorded: a check that this is its proxy (random
         # networks have no recorded proxy: NaN)
         gaps = [abs(a - p) for a, (_, _, p, *_) in zip(accuracy, networks, strict=True) if not math.isnan(p)]
-        rows.append({"supernet": label, "settings": dataclasses.asdict(dataclasses.replace(variant, seed=config.seed)),
-                     "supernet_s": seconds, "kendall_tau": tau, "spearman_rho": rho,
+        rows.append({"supernet": label, "settings": dataclasses.asdict(seeded), "supernet_s": seconds,
+                     "kendall_tau": tau, "spearman_rho": rho,
                      "kendall_tau_log_likelihood": rank_agreement([sc.log_likelihood for sc in scores], standalone)[0],
                      "proxy_std": statistics.stdev(accuracy), "proxy_accuracy": accuracy,
                      "max_gap_to_study": max(gaps, default=math.nan)})
@@ -615,7 +616,7 @@ def calibration_noise(size: str, run: str, config: SearchConfig, counts: list[in
     )
 
     device, networks = torch.device(config.device), truth.networks
-    supernet, _ = _supernet(config, truth, config.supernet)
+    supernet, *_ = _supernet(config, truth, config.supernet)
     seeds = (CALIBRATION_SEED, 1)  # the search's set, then another
     sets = {(n, seed): calibration_batches(truth.data, batches=n, device=device, seed=seed)
             for n in counts for seed in seeds}
