@@ -3,6 +3,7 @@ results/BENCHMARKS.md here, in place of the old one, without touching the others
 
 from __future__ import annotations
 
+import dataclasses
 import re
 import sys
 from pathlib import Path
@@ -51,12 +52,13 @@ def test_bench_verify_proxy_changes_are_the_supernet_recipe_settings_and_a_bad_o
 
     from nas import SpecError
 
-    own = bench_verify.SIZES["cpu"].supernet
+    own = dataclasses.replace(bench_verify.SIZES["cpu"].supernet, seed=2)  # a --seed 2 run's
     changed = bench_verify.proxy_variant(own, "epochs=12,label_smoothing=0")
-    assert (changed.epochs, changed.label_smoothing, changed.lr) == (12, 0.0, own.lr)
+    assert (changed.epochs, changed.label_smoothing, changed.lr, changed.seed) == (12, 0.0, own.lr, 2)
+    assert bench_verify.proxy_variant(own, "seed=3") == dataclasses.replace(own, seed=3)  # another supernet seed
     for text, message in [("epochs", "--proxy: 'epochs' is not SETTING=VALUE"),
                           ("epoch=3", "--proxy.epoch: unknown key"),
                           ("epochs=x", "--proxy.epochs: expected an integer, got a string"),
-                          ("seed=3", "--proxy.seed: the run's --seed seeds its supernet")]:
+                          ("seed=x", "--proxy.seed: expected an integer, got a string")]:
         with pytest.raises(SpecError, match=re.escape(message)):
             bench_verify.proxy_variant(own, text)

@@ -234,7 +234,8 @@ def main() -> None:
                             data_dir=str(work / "data"), supernet=supernet)
 
     if args.proxy is not None or args.calibration is not None:
-        variants = [proxy_variant(supernet, text) for text in args.proxy or []]  # bad input fails before any work
+        # bad input fails before any work
+        variants = [proxy_variant(dataclasses.replace(supernet, seed=args.seed), text) for text in args.proxy or []]
         train = training_images()
         if train is None:
             return
@@ -344,8 +345,10 @@ def main() -> None:
 
 
 def proxy_variant(recipe: TrainSettings, text: str) -> TrainSettings:
-    """``recipe`` changed by ``text``, comma-separated SETTING=VALUE pairs (values read as YAML scalars); a
-    one-line SpecError naming the setting where one is unknown, malformed or invalid."""
+    """``recipe`` (the run's supernet settings, its seed included) changed by ``text``, comma-separated SETTING=VALUE
+    pairs (values read as YAML scalars; seed=N alone is the same recipe trained from another seed: how far the
+    supernet's own training noise moves its ranking); a one-line SpecError naming the setting where one is unknown,
+    malformed or invalid."""
     from nas import SpecError
     from nas._schema import from_data, to_data
 
@@ -355,8 +358,6 @@ def proxy_variant(recipe: TrainSettings, text: str) -> TrainSettings:
         if not eq or not key.strip():
             raise SpecError("--proxy", f"{pair!r} is not SETTING=VALUE")
         changes[key.strip()] = yaml.safe_load(value)
-    if "seed" in changes:
-        raise SpecError("--proxy.seed", "the run's --seed seeds its supernet; change it with --seed")
     return from_data(TrainSettings, {**to_data(recipe), **changes}, path="--proxy")
 
 
@@ -529,17 +530,15 @@ def _own_supernet(config: SearchConfig) -> str:
             f"subnet(s) a step, label smoothing {s.label_smoothing})")
 
 
-def _supernet(config: SearchConfig, truth: GroundTruth, settings: TrainSettings
-              ) -> tuple[Supernet, float, TrainSettings]:
-    """A supernet of the run's space and data trained with ``settings`` (the run's seed), cached beside the run's own;
-    its training seconds as its checkpoint recorded them; and the settings it was trained with, seed included."""
+def _supernet(config: SearchConfig, truth: GroundTruth, settings: TrainSettings) -> tuple[Supernet, float]:
+    """A supernet of the run's space and data trained with ``settings`` (seed included), cached beside the run's own,
+    and its training seconds as its checkpoint recorded them."""
     from nas.train import checkpoint_path, train_supernet
 
-    settings = dataclasses.replace(settings, seed=config.seed)
     trained = train_supernet(truth.space, truth.data, settings, device=config.device,
                              checkpoint=checkpoint_path(truth.space, truth.data, settings,
                                                         config.results_dir / "supernets"))
-    return trained.supernet, sum(h["seconds"] for h in trained.history), settings  # a reused one keeps its history
+    return trained.supernet, sum(h["seconds"] for h in trained.history)  # a reused one keeps its history
 
 
 def rescore(size: str, run: str, config: SearchConfig, labels: list[str], variants: list[TrainSettings],
@@ -556,20 +555,30 @@ def rescore(size: str, run: str, config: SearchConfig, labels: list[str], varian
     calibration = calibration_batches(truth.data, batches=truth.record.calibration_batches, device=device)
     flops = [summarize(spec, latency=False).flops for _, spec, *_ in networks]
     rows = []
-    for label, variant in zip(["the run's own", *labels], [config.supernet, *variants], strict=True):
-        supernet, seconds, seeded = _supernet(config, truth, variant)
+    for label, variant in zip(["the run's own", *labels], [config.supernet_settings, *variants], strict=True):
+        supernet, seconds = _supernet(config, truth, variant)
         scores = [score_subnet(supernet, spec, truth.data, calibration, device=device) for _, spec, *_ in networks]
         accuracy = [sc.accuracy for sc in scores]
         tau, rho = rank_agreement(accuracy, standalone)
         # the run's own supernet should score as the study recorded: a check that this is its proxy (random
         # networks have no recorded proxy: NaN)
         gaps = [abs(a - p) for a, (_, _, p, *_) in zip(accuracy, networks, strict=True) if not math.isnan(p)]
-        rows.append({"supernet": label, "settings": dataclasses.asdict(seeded), "supernet_s": seconds,
+        rows.append({"supernet": label, "settings": dataclasses.asdict(variant), "supernet_s": seconds,
                      "kendall_tau": tau, "spearman_rho": rho,
                      "kendall_tau_log_likelihood": rank_agreement([sc.log_likelihood for sc in scores], standalone)[0],
+                     # how alike two supernets rank the networks: for seed=N, the supernet's own training noise
+                     "kendall_tau_own": rank_agreement(accuracy, rows[0]["proxy_accuracy"])[0] if rows else 1.0,
                      "proxy_std": statistics.stdev(accuracy), "proxy_accuracy": accuracy,
                      "max_gap_to_study": max(gaps, default=math.nan)})
         print({k: v for k, v in rows[-1].items() if k != "proxy_accuracy"}, flush=True)
+    # An ensemble: each network's proxy averaged over the supernets of the run's own recipe, its seed aside
+    own = dataclasses.asdict(config.supernet_settings)
+    seeds = [r for r in rows if {**r["settings"], "seed": own["seed"]} == own]
+    if len(seeds) > 1:
+        mean = [statistics.fmean(r["proxy_accuracy"][k] for r in seeds) for k in range(len(networks))]
+        ensemble = dict(zip(("kendall_tau", "spearman_rho"), rank_agreement(mean, standalone), strict=True),
+                        kendall_tau_own=rank_agreement(mean, rows[0]["proxy_accuracy"])[0],
+                        proxy_std=statistics.stdev(mean), proxy_accuracy=mean)
     flops_tau, flops_rho = rank_agreement(flops, standalone)
     # Along one Pareto front the proxy rises with predicted latency by construction, so the run's own tau is mostly
     # this one: how far stand-alone accuracy rises with latency among the networks the search picked.
@@ -579,14 +588,22 @@ def rescore(size: str, run: str, config: SearchConfig, labels: list[str], varian
         {"networks": [name for name, *_ in networks], "specs": [to_data(spec) for _, spec, *_ in networks],
          "standalone": standalone, "predicted_ms": [ms for *_, ms in networks], "flops": flops,
          "flops_kendall_tau": flops_tau, "latency_kendall_tau": latency_tau, "tau_ceiling": truth.ceiling,
-         "rows": rows}, indent=2))
+         "rows": rows, "ensemble": ensemble if len(seeds) > 1 else None}, indent=2))
     table = ["| supernet | supernet training | proxy std between networks | Kendall tau / Spearman rho | "
-             "tau by log-likelihood | largest gap to the study's proxy |", "|---|---|---|---|---|---|"]
+             "tau by log-likelihood | tau with the run's own proxy | largest gap to the study's proxy |",
+             "|---|---|---|---|---|---|---|"]
     table += [f"| {r['supernet']} | {r['supernet_s'] / 60:.1f} min | {r['proxy_std']:.2%} | {r['kendall_tau']:.3f} / "
               f"{r['spearman_rho']:.3f} | {r['kendall_tau_log_likelihood']:.3f} | "
-              + ("- |" if math.isnan(r["max_gap_to_study"]) else f"{r['max_gap_to_study']:.2%} |") for r in rows]
-    table.append(f"| FLOPs (torch.utils.flop_counter), no training | | | {flops_tau:.3f} / {flops_rho:.3f} | | |")
-    table.append(f"| the study's predicted latency, no training | | | {latency_tau:.3f} / {latency_rho:.3f} | | |")
+              + ("- | " if k == 0 else f"{r['kendall_tau_own']:.3f} | ")
+              + ("- |" if math.isnan(r["max_gap_to_study"]) else f"{r['max_gap_to_study']:.2%} |")
+              for k, r in enumerate(rows)]
+    if len(seeds) > 1:
+        e = ensemble
+        table.append(f"| the mean of the run's recipe's {len(seeds)} seeds' proxy accuracies | | "
+                     f"{e['proxy_std']:.2%} | {e['kendall_tau']:.3f} / {e['spearman_rho']:.3f} | | "
+                     f"{e['kendall_tau_own']:.3f} | |")
+    table.append(f"| FLOPs (torch.utils.flop_counter), no training | | | {flops_tau:.3f} / {flops_rho:.3f} | | | |")
+    table.append(f"| the study's predicted latency, no training | | | {latency_tau:.3f} / {latency_rho:.3f} | | | |")
     proxy_flag = f" --proxy {' '.join(labels)}" if labels else ""
     seed = f" --seed {config.seed}" if config.seed else ""
     write_section(
@@ -596,7 +613,8 @@ def rescore(size: str, run: str, config: SearchConfig, labels: list[str], varian
         + f"{truth.epochs_note}, one ground truth)",
         f"`python tests/benchmarks/bench_verify.py --size {size}{seed}{truth.flags}{proxy_flag}`: {truth.text}; "
         f"scored through {_own_supernet(config)}"
-        + (" and through one trained with each change named (the same split and seed)" if labels else "")
+        + (" and through one trained with each change named (the same split, and the run's seed unless seed= "
+           "names another)" if labels else "")
         + f", on all {len(truth.data.val)} validation images with BN recalibrated as the search did. "
         f"{_tau_note(truth)} Supernet training time is as its checkpoint recorded it, summed over epochs (this "
         "machine's speed drifts up to 1.8x).\n\n" + "\n".join(table), record=SIZES[size].record)
@@ -616,7 +634,7 @@ def calibration_noise(size: str, run: str, config: SearchConfig, counts: list[in
     )
 
     device, networks = torch.device(config.device), truth.networks
-    supernet, *_ = _supernet(config, truth, config.supernet)
+    supernet, _ = _supernet(config, truth, config.supernet_settings)
     seeds = (CALIBRATION_SEED, 1)  # the search's set, then another
     sets = {(n, seed): calibration_batches(truth.data, batches=n, device=device, seed=seed)
             for n in counts for seed in seeds}
