@@ -10,7 +10,8 @@ would score) with one recipe, and compare.
 Another --seed is an independent replicate of the whole benchmark, recorded in a section of its own.
 --proxy SETTING=VALUE... re-scores a finished run's verified networks through supernets trained with changed
 recipes, against the stand-alone accuracies it measured: proxies compared on one ground truth, for supernet
-trainings alone. --random N ranks N random members within the run's latency limit instead (trained stand-alone
+trainings alone (seed=N: the same recipe from another seed, the supernet's own noise; two or more seeds are also
+averaged, an ensemble). --random N ranks N random members within the run's latency limit instead (trained stand-alone
 with its recipe): the proxy's own ranking, where a front's is mostly its latency order. --calibration N... scores
 them with BN re-estimated on N batches, from two sets of images: how far the set alone moves the proxy.
 --standalone-epochs N trains the ground truth of either for N epochs instead: is a short ground truth the truth?
@@ -173,8 +174,9 @@ def main() -> None:
     ap.add_argument("--proxy", nargs="+", default=None, metavar="SETTING=VALUE[,...]",
                     help="instead: re-score the networks a finished run of this size and seed verified through "
                          "its own supernet and one trained with each of these changes to its recipe (e.g. "
-                         "epochs=12, or random_subnets=2,label_smoothing=0), against the stand-alone accuracies it "
-                         "measured, beside ranking them by FLOPs and by predicted latency")
+                         "epochs=12, or random_subnets=2,label_smoothing=0, or seed=3: the same recipe from another "
+                         "seed), against the stand-alone accuracies it measured, beside ranking them by FLOPs and by "
+                         "predicted latency")
     ap.add_argument("--random", type=int, default=None, metavar="N",
                     help="with or without --proxy: rank N random members of the space within the run's latency limit "
                          "instead of the networks it verified, trained stand-alone with its recipe: the proxy's own "
