@@ -576,6 +576,7 @@ def rescore(size: str, run: str, config: SearchConfig, labels: list[str], varian
     # An ensemble: each network's proxy averaged over the supernets of the run's own recipe, its seed aside
     own = dataclasses.asdict(config.supernet_settings)
     seeds = [r for r in rows if {**r["settings"], "seed": own["seed"]} == own]
+    ensemble = None
     if len(seeds) > 1:
         mean = [statistics.fmean(r["proxy_accuracy"][k] for r in seeds) for k in range(len(networks))]
         ensemble = dict(zip(("kendall_tau", "spearman_rho"), rank_agreement(mean, standalone), strict=True),
@@ -590,7 +591,7 @@ def rescore(size: str, run: str, config: SearchConfig, labels: list[str], varian
         {"networks": [name for name, *_ in networks], "specs": [to_data(spec) for _, spec, *_ in networks],
          "standalone": standalone, "predicted_ms": [ms for *_, ms in networks], "flops": flops,
          "flops_kendall_tau": flops_tau, "latency_kendall_tau": latency_tau, "tau_ceiling": truth.ceiling,
-         "rows": rows, "ensemble": ensemble if len(seeds) > 1 else None}, indent=2))
+         "rows": rows, "ensemble": ensemble}, indent=2))
     table = ["| supernet | supernet training | proxy std between networks | Kendall tau / Spearman rho | "
              "tau by log-likelihood | tau with the run's own proxy | largest gap to the study's proxy |",
              "|---|---|---|---|---|---|---|"]
@@ -599,11 +600,10 @@ def rescore(size: str, run: str, config: SearchConfig, labels: list[str], varian
               + ("- | " if k == 0 else f"{r['kendall_tau_own']:.3f} | ")
               + ("- |" if math.isnan(r["max_gap_to_study"]) else f"{r['max_gap_to_study']:.2%} |")
               for k, r in enumerate(rows)]
-    if len(seeds) > 1:
-        e = ensemble
+    if ensemble is not None:
         table.append(f"| the mean of the run's recipe's {len(seeds)} seeds' proxy accuracies | | "
-                     f"{e['proxy_std']:.2%} | {e['kendall_tau']:.3f} / {e['spearman_rho']:.3f} | | "
-                     f"{e['kendall_tau_own']:.3f} | |")
+                     f"{ensemble['proxy_std']:.2%} | {ensemble['kendall_tau']:.3f} / {ensemble['spearman_rho']:.3f} "
+                     f"| | {ensemble['kendall_tau_own']:.3f} | |")
     table.append(f"| FLOPs (torch.utils.flop_counter), no training | | | {flops_tau:.3f} / {flops_rho:.3f} | | | |")
     table.append(f"| the study's predicted latency, no training | | | {latency_tau:.3f} / {latency_rho:.3f} | | | |")
     proxy_flag = f" --proxy {' '.join(labels)}" if labels else ""
