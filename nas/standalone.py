@@ -21,7 +21,7 @@ from nas.distributed import world
 from nas.latency import Fingerprint, Measurement, measure
 from nas.model import Network, build_model
 from nas.spec import NetworkSpec, builtin_spec_names, load_spec
-from nas.train import TrainSettings, evaluate, fit, precise_bn
+from nas.train import Step, TrainSettings, evaluate, fit, precise_bn
 
 TORCHVISION_SPECS = {"mobilenet_v3_large": "MobileNet_V3_Large_Weights",
                      "mobilenet_v3_small": "MobileNet_V3_Small_Weights"}
@@ -82,6 +82,17 @@ def _torchvision_init(spec: NetworkSpec, model: Network, num_classes: int) -> li
     return [p for p in model.parameters() if p.requires_grad]
 
 
+def classification_step(settings: TrainSettings) -> Step:
+    """A stand-alone network's objective for ``fit``: cross-entropy on the labels, smoothed as ``settings`` say."""
+
+    def step(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        logits = net(x)
+        loss = F.cross_entropy(logits, y, label_smoothing=settings.label_smoothing)
+        return loss, loss, logits
+
+    return step
+
+
 def train_network(spec: NetworkSpec, data: DataSplit, settings: TrainSettings, *, checkpoint: Path,
                   device: torch.device | str = "cpu", init: str | None = None, progress: bool = True,
                   measure_latency: bool = True, timing: Fingerprint | None = None) -> Trained:
@@ -96,15 +107,11 @@ def train_network(spec: NetworkSpec, data: DataSplit, settings: TrainSettings, *
     model = build_model(spec)
     params = _torchvision_init(spec, model, data.num_classes) if init == "torchvision" else None
 
-    def step(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        logits = net(x)
-        loss = F.cross_entropy(logits, y, label_smoothing=settings.label_smoothing)
-        return loss, loss, logits
-
     meta = {"spec": to_data(spec.without_metadata()), "data": data.key(), "init": init,
             "settings": dataclasses.asdict(settings)}
-    history, reused = fit(model, data, settings, step, path=checkpoint, meta=meta, device=device,
-                          progress=progress, desc=f"training {len(spec.blocks)}-block network", params=params)
+    history, reused = fit(model, data, settings, classification_step(settings), path=checkpoint, meta=meta,
+                          device=device, progress=progress, desc=f"training {len(spec.blocks)}-block network",
+                          params=params)
     nan = float("nan")
     unmeasured = Measurement(nan, nan, nan, 0, "cpu", torch.get_num_threads(), 1)
     if not world().main:  # under torchrun the main process evaluates and measures, undisturbed by the others

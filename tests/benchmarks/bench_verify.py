@@ -15,6 +15,8 @@ averaged, an ensemble). --random N ranks N random members within the run's laten
 with its recipe): the proxy's own ranking, where a front's is mostly its latency order. --calibration N... scores
 them with BN re-estimated on N batches, from two sets of images: how far the set alone moves the proxy.
 --standalone-epochs N trains the ground truth of either for N epochs instead: is a short ground truth the truth?
+--finetune SETTING=VALUE... trains each of them briefly from the run's supernet's shared weights with the stand-alone
+recipe so changed (e.g. epochs=1,lr=0.01) and ranks them by that: does a short fine-tune rank as the proxy cannot?
 Goals: Kendall tau >= 0.7 over >= 12 networks; at least 7 of the 10 most proxy-accurate found networks beat the
 reference stand-alone at no more measured latency; the best found >= reference + 1.5 points.
 
@@ -48,7 +50,7 @@ import yaml
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _report import cifar_images, recorded_sections, write_section
 
-from nas._schema import to_data
+from nas._schema import digest, to_data
 from nas.data import DataSplit
 from nas.report import build_report, write_report
 from nas.search import SearchConfig, prepare, run_search
@@ -185,6 +187,11 @@ def main() -> None:
                     help="instead: score a finished run's verified networks (or --random N's) through its own "
                          "supernet with BN re-estimated on N batches of training images, from two sets: how far the "
                          "set alone moves the proxy")
+    ap.add_argument("--finetune", nargs="+", default=None, metavar="SETTING=VALUE[,...]",
+                    help="instead: each network a finished run verified (or --random N's) extracted from its own "
+                         "supernet with the shared weights and trained with its stand-alone recipe so changed (e.g. "
+                         "epochs=1,lr=0.01), then scored as stand-alone training is: a short fine-tune's ranking "
+                         "beside the proxy's")
     ap.add_argument("--standalone-epochs", type=int, default=None, metavar="N",
                     help="with --proxy, --random or --calibration: the ground truth trained for N epochs instead of "
                          "the run's recipe's (its noise measured again on the reference at N epochs, with verify's "
@@ -192,17 +199,19 @@ def main() -> None:
     args = ap.parse_args()
     if args.standalone_epochs is not None and args.standalone_epochs < 1:
         ap.error(f"argument --standalone-epochs: {args.standalone_epochs} is not positive")
-    if args.standalone_epochs is not None and args.proxy is None and args.random is None and args.calibration is None:
-        ap.error("argument --standalone-epochs: only with --proxy, --random or --calibration, which rank a finished "
-                 "run's networks")
+    if (args.standalone_epochs is not None and args.proxy is None and args.random is None and args.calibration is None
+            and args.finetune is None):
+        ap.error("argument --standalone-epochs: only with --proxy, --random, --calibration or --finetune, which rank a "
+                 "finished run's networks")
     if args.random is not None and args.random < 3:
         ap.error(f"argument --random: {args.random} is not 3 or more")
     if args.calibration is not None and min(args.calibration) < 1:
         ap.error(f"argument --calibration: {min(args.calibration)} is not positive")
-    if args.random is not None and args.proxy is None and args.calibration is None:
+    if args.random is not None and args.proxy is None and args.calibration is None and args.finetune is None:
         args.proxy = []
-    if sum(x is not None for x in (args.noise_epochs, args.compare_jobs, args.proxy, args.calibration)) > 1:
-        ap.error("--noise-epochs, --compare-jobs, --proxy and --calibration are separate runs: give one")
+    if sum(x is not None for x in (args.noise_epochs, args.compare_jobs, args.proxy, args.calibration,
+                                   args.finetune)) > 1:
+        ap.error("--noise-epochs, --compare-jobs, --proxy, --calibration and --finetune are separate runs: give one")
     if args.seed and args.noise_epochs:
         ap.error("argument --seed: not used with --noise-epochs, which trains seeds 0-2")
     if args.noise_networks and not args.noise_epochs:
@@ -235,9 +244,10 @@ def main() -> None:
                             study_name=f"cifar10-{run}", seed=args.seed, device=device, results=str(work),
                             data_dir=str(work / "data"), supernet=supernet)
 
-    if args.proxy is not None or args.calibration is not None:
+    if args.proxy is not None or args.calibration is not None or args.finetune is not None:
         # bad input fails before any work
         variants = [proxy_variant(dataclasses.replace(supernet, seed=args.seed), text) for text in args.proxy or []]
+        tunes = [proxy_variant(recipe, text, "--finetune") for text in args.finetune or []]
         train = training_images()
         if train is None:
             return
@@ -245,6 +255,8 @@ def main() -> None:
         truth = ground_truth(args.size, run, config, recipe, args.random, args.standalone_epochs)
         if args.calibration is not None:
             calibration_noise(args.size, run, config, args.calibration, truth)
+        elif args.finetune is not None:
+            finetune(args.size, run, config, args.finetune, tunes, truth)
         else:
             rescore(args.size, run, config, args.proxy, variants, truth)
         return
@@ -346,11 +358,11 @@ def main() -> None:
         "| figure | value |\n|---|---|\n" + "\n".join(lines) + "\n\n" + "\n".join(rows), record=size.record)
 
 
-def proxy_variant(recipe: TrainSettings, text: str) -> TrainSettings:
-    """``recipe`` (the run's supernet settings, its seed included) changed by ``text``, comma-separated SETTING=VALUE
-    pairs (values read as YAML scalars; seed=N alone is the same recipe trained from another seed: how far the
-    supernet's own training noise moves its ranking); a one-line SpecError naming the setting where one is unknown,
-    malformed or invalid."""
+def proxy_variant(recipe: TrainSettings, text: str, flag: str = "--proxy") -> TrainSettings:
+    """``recipe`` (the run's supernet settings, its seed included; for --finetune, its stand-alone recipe) changed by
+    ``text``, comma-separated SETTING=VALUE pairs (values read as YAML scalars; seed=N alone is the same recipe trained
+    from another seed: how far the supernet's own training noise moves its ranking); a one-line SpecError naming the
+    setting (under ``flag``) where one is unknown, malformed or invalid."""
     from nas import SpecError
     from nas._schema import from_data, to_data
 
@@ -358,9 +370,9 @@ def proxy_variant(recipe: TrainSettings, text: str) -> TrainSettings:
     for pair in text.split(","):
         key, eq, value = pair.partition("=")
         if not eq or not key.strip():
-            raise SpecError("--proxy", f"{pair!r} is not SETTING=VALUE")
+            raise SpecError(flag, f"{pair!r} is not SETTING=VALUE")
         changes[key.strip()] = yaml.safe_load(value)
-    return from_data(TrainSettings, {**to_data(recipe), **changes}, path="--proxy")
+    return from_data(TrainSettings, {**to_data(recipe), **changes}, path=flag)
 
 
 def random_members(config: SearchConfig, record: StudyRecord, space: SearchSpace, n: int
@@ -620,6 +632,66 @@ def rescore(size: str, run: str, config: SearchConfig, labels: list[str], varian
         + f", on all {len(truth.data.val)} validation images with BN recalibrated as the search did. "
         f"{_tau_note(truth)} Supernet training time is as its checkpoint recorded it, summed over epochs (this "
         "machine's speed drifts up to 1.8x).\n\n" + "\n".join(table), record=SIZES[size].record)
+
+
+def finetune(size: str, run: str, config: SearchConfig, labels: list[str], tunes: list[TrainSettings],
+             truth: GroundTruth) -> None:
+    """A ground truth's networks extracted from the run's own supernet (shared weights and BN statistics) and trained
+    with each of ``tunes`` (``labels`` says how each differs from the stand-alone recipe), then scored as stand-alone
+    training is (precise BN, the whole validation split): does a short fine-tune from inherited weights rank them
+    as stand-alone training does, where the proxy, which scores the inherited weights as they are, does not?
+    Checkpoints sit beside the run's verification's, so a cut run resumes."""
+    from nas.standalone import classification_step, rank_agreement
+    from nas.train import calibration_batches, evaluate, fit, precise_bn, score_subnet
+
+    device, networks, standalone = torch.device(config.device), truth.networks, truth.standalone
+    supernet, _ = _supernet(config, truth, config.supernet_settings)
+    calibration = calibration_batches(truth.data, batches=truth.record.calibration_batches, device=device)
+    proxy = [score_subnet(supernet, spec, truth.data, calibration, device=device).accuracy for _, spec, *_ in networks]
+    out = config.study_dir / "verify" / "finetune"
+    rows = []
+    for label, tune in zip(labels, tunes, strict=True):
+        accuracy, seconds = [], []
+        for name, spec, *_ in networks:
+            model = supernet.extract(spec)
+            meta = {"spec": to_data(spec.without_metadata()), "data": truth.data.key(), "settings": to_data(tune),
+                    "supernet": to_data(config.supernet_settings)}
+            torch.manual_seed(tune.seed)
+            history, _ = fit(model, truth.data, tune, classification_step(tune), path=out / f"{digest(meta)}.pt",
+                             meta=meta, device=device, progress=True, desc=f"fine-tuning {name}")
+            precise_bn(model, truth.data, device)
+            accuracy.append(evaluate(model, truth.data, device=device).accuracy)
+            seconds.append(sum(h["seconds"] for h in history))  # as trained: a resumed run's share would mislead
+        tau, rho = rank_agreement(accuracy, standalone)
+        rows.append({"finetune": label, "settings": to_data(tune), "kendall_tau": tau, "spearman_rho": rho,
+                     "kendall_tau_proxy": rank_agreement(accuracy, proxy)[0],
+                     "accuracy_std": statistics.stdev(accuracy), "mean_accuracy": statistics.fmean(accuracy),
+                     "seconds": seconds, "accuracy": accuracy})
+        print({k: v for k, v in rows[-1].items() if k not in ("accuracy", "seconds")}, flush=True)
+    proxy_tau, proxy_rho = rank_agreement(proxy, standalone)
+    OUT.mkdir(parents=True, exist_ok=True)
+    (OUT / f"verify-finetune{truth.kind}-{run}.json").write_text(json.dumps(
+        {"networks": [name for name, *_ in networks], "standalone": standalone, "proxy_accuracy": proxy,
+         "proxy_kendall_tau": proxy_tau, "tau_ceiling": truth.ceiling, "rows": rows}, indent=2))
+    table = ["| ranked by | training a network, median | mean accuracy | std between networks | Kendall tau / "
+             "Spearman rho | tau with the proxy |", "|---|---|---|---|---|---|"]
+    table.append(f"| the proxy: the supernet's shared weights as they are | - | {statistics.fmean(proxy):.2%} | "
+                 f"{statistics.stdev(proxy):.2%} | {proxy_tau:.3f} / {proxy_rho:.3f} | - |")
+    table += [f"| fine-tuned from the supernet, {r['finetune']} | {statistics.median(r['seconds']):.0f} s | "
+              f"{r['mean_accuracy']:.2%} | {r['accuracy_std']:.2%} | {r['kendall_tau']:.3f} / {r['spearman_rho']:.3f}"
+              f" | {r['kendall_tau_proxy']:.3f} |" for r in rows]
+    seed = f" --seed {config.seed}" if config.seed else ""
+    write_section(
+        f"verify-finetune{truth.kind}-{run}", "Does a short fine-tune from the supernet's weights rank networks as "
+        f"stand-alone training does? ({size} size" + (f", seed {config.seed}" if config.seed else "")
+        + f", {'random networks' if truth.random else 'the front'}{truth.epochs_note})",
+        f"`python tests/benchmarks/bench_verify.py --size {size}{seed}{truth.flags} --finetune {' '.join(labels)}`: "
+        f"{truth.text}. Each network is extracted from {_own_supernet(config)} with its shared weights and BN "
+        "statistics (`Supernet.extract`), trained with the stand-alone recipe changed as named (SGD, cosine decay "
+        "from that lr), its BN statistics re-estimated on 8 training batches, and scored on all "
+        f"{len(truth.data.val)} validation images, as the ground truth was. The proxy row scores the same networks "
+        f"through the supernet as the search did. {_tau_note(truth)}\n\n" + "\n".join(table),
+        record=SIZES[size].record)
 
 
 def calibration_noise(size: str, run: str, config: SearchConfig, counts: list[int], truth: GroundTruth) -> None:
