@@ -62,3 +62,9 @@ def test_bench_verify_proxy_changes_are_the_supernet_recipe_settings_and_a_bad_o
                           ("seed=x", "--proxy.seed: expected an integer, got a string")]:
         with pytest.raises(SpecError, match=re.escape(message)):
             bench_verify.proxy_variant(own, text)
+    # --finetune changes the stand-alone recipe with the same parser, and names its own flag
+    recipe = bench_verify.SIZES["cpu"].recipe
+    tuned = bench_verify.proxy_variant(recipe, "epochs=1,lr=0.01", "--finetune")
+    assert (tuned.epochs, tuned.lr, tuned.batch_size) == (1, 0.01, recipe.batch_size)
+    with pytest.raises(SpecError, match=re.escape("--finetune.lr: 0.0 must be positive")):
+        bench_verify.proxy_variant(recipe, "lr=0", "--finetune")
