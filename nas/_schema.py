@@ -246,7 +246,10 @@ def from_data(cls: type[T], data: Any, path: str = "") -> T:
 def to_data(obj: Any) -> Any:
     """The plain-data (YAML-ready) form of a dataclass tree; inverse of :func:`from_data`."""
     if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
-        return {f.name: to_data(getattr(obj, f.name)) for f in dataclasses.fields(obj)}
+        # A field added after caches were keyed on its class (metadata omit_default) is left out at its default, so
+        # the supernets and trained networks cached before it existed keep their keys; from_data restores it.
+        return {f.name: to_data(getattr(obj, f.name)) for f in dataclasses.fields(obj)
+                if not (f.metadata.get("omit_default") and getattr(obj, f.name) == f.default)}
     if isinstance(obj, tuple):
         return [to_data(v) for v in obj]
     if isinstance(obj, Mapping):

@@ -38,7 +38,7 @@ class Trained:
     reused: bool
 
     def metrics(self, source: str, dataset: str, settings: TrainSettings, init: str | None) -> dict[str, Any]:
-        return {"spec": source, "dataset": dataset, "init": init, "settings": dataclasses.asdict(settings),
+        return {"spec": source, "dataset": dataset, "init": init, "settings": to_data(settings),
                 "val_accuracy": self.val_accuracy, "latency": dataclasses.asdict(self.latency),
                 "params": sum(p.numel() for p in self.model.parameters()), "history": self.history,
                 "checkpoint": str(self.checkpoint)}
@@ -108,7 +108,7 @@ def train_network(spec: NetworkSpec, data: DataSplit, settings: TrainSettings, *
     params = _torchvision_init(spec, model, data.num_classes) if init == "torchvision" else None
 
     meta = {"spec": to_data(spec.without_metadata()), "data": data.key(), "init": init,
-            "settings": dataclasses.asdict(settings)}
+            "settings": to_data(settings)}
     history, reused = fit(model, data, settings, classification_step(settings), path=checkpoint, meta=meta,
                           device=device, progress=progress, desc=f"training {len(spec.blocks)}-block network",
                           params=params)

@@ -1,6 +1,7 @@
 """Supernet training: the sandwich rule with in-place distillation (BigNAS sec. 3.1, OFA), resumable.
 
 Each step trains the largest subnet on the labels, then the smallest and ``random_subnets`` random ones
+(or, with ``sampling="fair"``, ``random_subnets + 1`` members drawn fairly: :func:`fair_members`)
 on the largest's soft predictions, accumulating gradients into one optimiser step. Checkpoints are
 written atomically after every epoch and loaded with ``weights_only=True``; rerunning the same command
 resumes from the last one, and a finished checkpoint is reused as a cache.
@@ -9,12 +10,11 @@ resumes from the last one, and a finished checkpoint is reused as a cache.
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -50,6 +50,9 @@ def proxy_calibration_batches(proxy_images: int) -> int:
     return max(1, round(proxy_images / (5 * CALIBRATION_BATCH)))
 
 
+SAMPLINGS = ("sandwich", "fair")
+
+
 @dataclass(frozen=True)
 class TrainSettings:
     # Defaults: the digits run that meets the accuracy goals in about a minute on 2 cores
@@ -60,6 +63,10 @@ class TrainSettings:
     weight_decay: float = field(default=5e-5, metadata={"help": "SGD weight decay (not on BN and biases)"})
     random_subnets: int = field(default=1, metadata={
         "help": "random subnets per step besides the largest and smallest (sandwich rule)"})
+    sampling: str = field(default="sandwich", metadata={
+        "choices": SAMPLINGS, "omit_default": True,
+        "help": "the subnets each step trains besides the largest: sandwich (the smallest and random_subnets random "
+                "ones) or fair (random_subnets + 1 members that take each decision's options in turn, FairNAS)"})
     augment: bool | None = field(default=None, metadata={
         "help": "random crop and horizontal flip of training images, on the training device (default: on for "
                 "natural images, off for digits)"})
@@ -78,6 +85,8 @@ class TrainSettings:
             raise SpecError("weight_decay", f"{self.weight_decay} must be zero or more")
         if self.random_subnets < 0:
             raise SpecError("random_subnets", f"{self.random_subnets} must be zero or more")
+        if self.sampling not in SAMPLINGS:
+            raise SpecError("sampling", f"{self.sampling!r} is not one of {', '.join(SAMPLINGS)}")
         if not 0 <= self.label_smoothing < 1:
             raise SpecError("label_smoothing", f"{self.label_smoothing} must be at least 0 and below 1")
 
@@ -209,6 +218,32 @@ def fit(model: nn.Module, data: DataSplit, settings: TrainSettings, step: Step, 
     return history, False
 
 
+def fair_members(space: SearchSpace, rng: random.Random, per_epoch: int) -> Callable[[], NetworkSpec]:
+    """Draws of members in which each decision takes its options in turn, in an order shuffled anew each round:
+    over any of its rounds every option trains equally often (FairNAS's strict fairness, where decisions have
+    different numbers of options and several members train a step). The sandwich rule trains the largest and the
+    smallest every step, so an option between them (kernel 5 of 3/5/7) trains a quarter as often as either end.
+    Rounds restart with each epoch (every ``per_epoch`` draws), so a resumed run draws as an uninterrupted one:
+    ``rng``'s state is checkpointed per epoch, the rounds are not."""
+    rounds: dict[str, list[Any]] = {}
+    draws = 0
+
+    def pick(name: str, options: Sequence[Any]) -> Any:
+        turn = rounds.setdefault(name, [])
+        if not turn:
+            turn.extend(rng.sample(list(options), len(options)))
+        return turn.pop()
+
+    def draw() -> NetworkSpec:
+        nonlocal draws
+        if draws % per_epoch == 0:
+            rounds.clear()
+        draws += 1
+        return space.build(pick)
+
+    return draw
+
+
 def train_supernet(space: SearchSpace, data: DataSplit, settings: TrainSettings = TrainSettings(), *,
                    checkpoint: Path | None = None, device: torch.device | str = "cpu",
                    progress: bool = True) -> TrainResult:
@@ -220,6 +255,7 @@ def train_supernet(space: SearchSpace, data: DataSplit, settings: TrainSettings 
     supernet = Supernet(space)
     rng = random.Random(settings.seed)
     largest, smallest = space.largest(), space.smallest()
+    fair = fair_members(space, rng, data.steps(settings.batch_size) * (settings.random_subnets + 1))
 
     def sandwich(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = net(x, largest)
@@ -228,11 +264,12 @@ def train_supernet(space: SearchSpace, data: DataSplit, settings: TrainSettings 
         # In-place distillation from the largest. One backward of the summed losses gives the same gradients as
         # one per subnet, and lets DDP all-reduce once per step. Every process draws the same random subnets: the
         # same seeded rng, drawn in the same order.
-        distilled = [F.cross_entropy(net(x, spec), soft)
-                     for spec in [smallest, *(space.sample(rng) for _ in range(settings.random_subnets))]]
+        members = ([fair() for _ in range(settings.random_subnets + 1)] if settings.sampling == "fair" else
+                   [smallest, *(space.sample(rng) for _ in range(settings.random_subnets))])
+        distilled = [F.cross_entropy(net(x, spec), soft) for spec in members]
         return loss + sum(distilled), loss, logits
 
-    meta = {"space": to_data(space), "data": data.key(), "settings": dataclasses.asdict(settings)}
+    meta = {"space": to_data(space), "data": data.key(), "settings": to_data(settings)}
     history, reused = fit(supernet, data, settings, sandwich, path=path, meta=meta, device=device,
                           progress=progress, desc=f"supernet {space.name}", rng=rng)
     return TrainResult(supernet.eval(), path, history, reused)

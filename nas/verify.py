@@ -25,7 +25,7 @@ from plotly.subplots import make_subplots
 from scipy.stats import kendalltau
 from tqdm import tqdm
 
-from nas._schema import SpecError, write_atomic, write_json_atomic
+from nas._schema import SpecError, to_data, write_atomic, write_json_atomic
 from nas.data import DataSplit, load_dataset
 from nas.report import Report, build_report, time_beside_study_reference
 from nas.space import load_space
@@ -385,7 +385,7 @@ def verify(study: optuna.Study, *, top: int, settings: TrainSettings, device: st
     tau, rho = rank_agreement(proxy, standalone)
     tau_ll = rank_agreement([r.proxy_log_likelihood for r in rows], standalone)[0]
     stderr = record.proxy_stderr(ref.accuracy if ref is not None else statistics.fmean(proxy))
-    return Verification(study.study_name, c.dataset, dataclasses.asdict(settings), tuple(rows), tau, rho, tau_ll,
+    return Verification(study.study_name, c.dataset, to_data(settings), tuple(rows), tau, rho, tau_ll,
                         stderr, tuple(seed_accuracies), network_seeds)
 
 

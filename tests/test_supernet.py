@@ -107,10 +107,13 @@ def test_a_few_training_steps_reduce_the_loss(tmp_path: Path) -> None:
     assert score_subnet(result.supernet, space.largest(), data, calib).accuracy > 0.3  # chance is 0.1
 
 
-def test_interrupted_training_resumes_to_the_same_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+# fair with one member a step: 3 draws an epoch, so a 2-option decision's round is cut by the epoch's end
+@pytest.mark.parametrize(("sampling", "random_subnets"), [("sandwich", 1), ("fair", 0)])
+def test_interrupted_training_resumes_to_the_same_weights(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                          sampling: str, random_subnets: int) -> None:
     space = load_space("mobilenetv3_compact")
     data = _tiny_digits(96)
-    settings = TrainSettings(epochs=3, batch_size=32, random_subnets=1, seed=3)
+    settings = TrainSettings(epochs=3, batch_size=32, random_subnets=random_subnets, sampling=sampling, seed=3)
     straight = train_supernet(space, data, settings, checkpoint=tmp_path / "a.pt", progress=False)
 
     import nas.train as train_module
@@ -134,6 +137,43 @@ def test_interrupted_training_resumes_to_the_same_weights(tmp_path: Path, monkey
         assert torch.equal(a, b), k
     again = train_supernet(space, data, settings, checkpoint=tmp_path / "b.pt", progress=False)
     assert again.reused and again.history == resumed.history
+
+
+def test_fair_members_take_each_option_in_turn() -> None:
+    from collections import Counter
+
+    from nas.train import fair_members
+    space = load_space("mobilenetv3_compact")  # decisions of 1, 2, 3 and 4 options (stage2's expanded channels)
+    draw = fair_members(space, random.Random(0), per_epoch=24)
+    drawn = [space.choices(draw()) for _ in range(24)]
+    # decisions every member makes (blocks within every stage's least depth): over 12 draws, a whole number of rounds
+    # of each, every option came up equally often; uniform draws would almost never manage that for all of them
+    always = [key for key in drawn[0] if all(key in d for d in drawn)]
+    assert "stage2.block1.expansion" in always and "stage3.block2.kernel" in always
+    for half in (drawn[:12], drawn[12:]):
+        for key in always:
+            counts = Counter(d[key] for d in half)
+            assert len(set(counts.values())) == 1, (key, counts)
+    assert len({tuple(sorted(d.items())) for d in drawn}) == 24  # distinct members, not one cycle repeated
+    # the rounds restart each epoch: with 3 draws an epoch, a 2-option decision's first two draws of every epoch
+    # make one round (without the restart, every other epoch's would straddle two rounds: equal half the time)
+    per_epoch = fair_members(space, random.Random(1), per_epoch=3)
+    se = [space.choices(per_epoch())["stage1.block1.se"] for _ in range(30)]
+    assert all(se[k] != se[k + 1] for k in range(0, 30, 3)), se
+
+
+def test_a_setting_added_later_keeps_the_caches_keyed_before_it() -> None:
+    from nas._schema import digest, from_data, to_data
+    # TrainSettings' cache key as it was before `sampling` existed (commit 44f3140): supernets and trained networks
+    # cached then are found now
+    assert digest(TrainSettings()) == "8ebfb6b0f6"
+    assert "sampling" not in to_data(TrainSettings())
+    fair = TrainSettings(sampling="fair")
+    assert to_data(fair)["sampling"] == "fair" and digest(fair) != digest(TrainSettings())
+    assert from_data(TrainSettings, to_data(fair)) == fair and from_data(TrainSettings, to_data(TrainSettings())) \
+        == TrainSettings()
+    with pytest.raises(nas.SpecError, match=r"^sampling: 'uniform' is not one of sandwich, fair$"):
+        TrainSettings(sampling="uniform")
 
 
 def test_bad_checkpoints_are_one_line_errors(tmp_path: Path) -> None:

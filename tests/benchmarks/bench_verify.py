@@ -577,7 +577,7 @@ def rescore(size: str, run: str, config: SearchConfig, labels: list[str], varian
         # the run's own supernet should score as the study recorded: a check that this is its proxy (random
         # networks have no recorded proxy: NaN)
         gaps = [abs(a - p) for a, (_, _, p, *_) in zip(accuracy, networks, strict=True) if not math.isnan(p)]
-        rows.append({"supernet": label, "settings": dataclasses.asdict(variant), "supernet_s": seconds,
+        rows.append({"supernet": label, "settings": to_data(variant), "supernet_s": seconds,
                      "kendall_tau": tau, "spearman_rho": rho,
                      "kendall_tau_log_likelihood": rank_agreement([sc.log_likelihood for sc in scores], standalone)[0],
                      # how alike two supernets rank the networks: for seed=N, the supernet's own training noise
@@ -586,7 +586,7 @@ def rescore(size: str, run: str, config: SearchConfig, labels: list[str], varian
                      "max_gap_to_study": max(gaps, default=math.nan)})
         print({k: v for k, v in rows[-1].items() if k != "proxy_accuracy"}, flush=True)
     # An ensemble: each network's proxy averaged over the supernets of the run's own recipe, its seed aside
-    own = dataclasses.asdict(config.supernet_settings)
+    own = to_data(config.supernet_settings)
     seeds = [r for r in rows if {**r["settings"], "seed": own["seed"]} == own]
     ensemble = None
     if len(seeds) > 1:
