@@ -62,7 +62,8 @@ class TrainSettings:
     lr: float = field(default=0.1, metadata={"help": "peak SGD learning rate, cosine decay"})
     weight_decay: float = field(default=5e-5, metadata={"help": "SGD weight decay (not on BN and biases)"})
     random_subnets: int = field(default=1, metadata={
-        "help": "random subnets per step besides the largest and smallest (sandwich rule)"})
+        "help": "random subnets per step besides the largest and smallest (sandwich rule; with sampling fair, "
+                "one fewer than the fair members a step)"})
     sampling: str = field(default="sandwich", metadata={
         "choices": SAMPLINGS, "omit_default": True,
         "help": "the subnets each step trains besides the largest: sandwich (the smallest and random_subnets random "
