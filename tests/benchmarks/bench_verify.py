@@ -14,7 +14,7 @@ trainings alone (seed=N: the same recipe from another seed, the supernet's own n
 averaged, an ensemble). --random N ranks N random members within the run's latency limit instead (trained stand-alone
 with its recipe): the proxy's own ranking, where a front's is mostly its latency order. --calibration N... scores
 them with BN re-estimated on N batches, from two sets of images: how far the set alone moves the proxy.
---standalone-epochs N trains the ground truth of either for N epochs instead: is a short ground truth the truth?
+--standalone-epochs N trains the ground truth of any of these for N epochs instead: is a short ground truth the truth?
 --finetune SETTING=VALUE... trains each of them briefly from the run's supernet's shared weights with the stand-alone
 recipe so changed (e.g. epochs=1,lr=0.01) and ranks them by that: does a short fine-tune rank as the proxy cannot?
 Goals: Kendall tau >= 0.7 over >= 12 networks; at least 7 of the 10 most proxy-accurate found networks beat the
@@ -193,9 +193,10 @@ def main() -> None:
                          "epochs=1,lr=0.01), then scored as stand-alone training is: a short fine-tune's ranking "
                          "beside the proxy's")
     ap.add_argument("--standalone-epochs", type=int, default=None, metavar="N",
-                    help="with --proxy, --random or --calibration: the ground truth trained for N epochs instead of "
-                         "the run's recipe's (its noise measured again on the reference at N epochs, with verify's "
-                         "seeds): does a longer ground truth rank the networks as the short one does, and the proxy?")
+                    help="with --proxy, --random, --calibration or --finetune: the ground truth trained for N epochs "
+                         "instead of the run's recipe's (its noise measured again on the reference at N epochs, "
+                         "with verify's seeds): does a longer ground truth rank the networks as the short one does, "
+                         "and the proxy?")
     args = ap.parse_args()
     if args.standalone_epochs is not None and args.standalone_epochs < 1:
         ap.error(f"argument --standalone-epochs: {args.standalone_epochs} is not positive")
