@@ -2,9 +2,10 @@
 
 Each step trains the largest subnet on the labels, then the smallest and ``random_subnets`` random ones
 (or, with ``sampling="fair"``, ``random_subnets + 1`` members drawn fairly: :func:`fair_members`)
-on the largest's soft predictions, accumulating gradients into one optimiser step. Checkpoints are
-written atomically after every epoch and loaded with ``weights_only=True``; rerunning the same command
-resumes from the last one, and a finished checkpoint is reused as a cache.
+on the largest's soft predictions (their soft cross-entropy, or with ``distillation="alpha"``
+:func:`alpha_divergence`), accumulating gradients into one optimiser step. Checkpoints are written
+atomically after every epoch and loaded with ``weights_only=True``; rerunning the same command resumes
+from the last one, and a finished checkpoint is reused as a cache.
 """
 
 from __future__ import annotations
@@ -51,6 +52,7 @@ def proxy_calibration_batches(proxy_images: int) -> int:
 
 
 SAMPLINGS = ("sandwich", "fair")
+DISTILLATIONS = ("kl", "alpha")
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,10 @@ class TrainSettings:
         "choices": SAMPLINGS, "omit_default": True,
         "help": "the subnets each step trains besides the largest: sandwich (the smallest and random_subnets random "
                 "ones) or fair (random_subnets + 1 members that take each decision's options in turn, FairNAS)"})
+    distillation: str = field(default="kl", metadata={
+        "choices": DISTILLATIONS, "omit_default": True,
+        "help": "the loss of the subnets trained on the largest's predictions: kl (its soft cross-entropy) or alpha "
+                "(AlphaNet's adaptive alpha-divergence, which also penalises a subnet's overconfidence)"})
     augment: bool | None = field(default=None, metadata={
         "help": "random crop and horizontal flip of training images, on the training device (default: on for "
                 "natural images, off for digits)"})
@@ -88,6 +94,8 @@ class TrainSettings:
             raise SpecError("random_subnets", f"{self.random_subnets} must be zero or more")
         if self.sampling not in SAMPLINGS:
             raise SpecError("sampling", f"{self.sampling!r} is not one of {', '.join(SAMPLINGS)}")
+        if self.distillation not in DISTILLATIONS:
+            raise SpecError("distillation", f"{self.distillation!r} is not one of {', '.join(DISTILLATIONS)}")
         if not 0 <= self.label_smoothing < 1:
             raise SpecError("label_smoothing", f"{self.label_smoothing} must be at least 0 and below 1")
 
@@ -245,6 +253,27 @@ def fair_members(space: SearchSpace, rng: random.Random, per_epoch: int) -> Call
     return draw
 
 
+def alpha_divergence(logits: torch.Tensor, teacher: torch.Tensor, clip: float = 5.0) -> torch.Tensor:
+    """AlphaNet's adaptive alpha-divergence (Wang et al., ICML 2021) of a subnet's predictions q (``logits``)
+    from the teacher's probabilities p: per image the larger of D_+1 = KL(p||q), whose gradient is the soft
+    cross-entropy's, and D_-1 = sum q (q/p - 1) / 2, which is large where the subnet is confident and the teacher
+    is not; mean over the batch. The ratio q/p is clipped at ``clip`` (5, as AlphaNet's released loss does) and,
+    as there, held as a weight: the gradient is -sum_i q_i (p_i/q_i)^alpha / alpha * grad log q_i. Written here
+    because torch has no alpha-divergence loss; computed in float32 (bf16 autocast would round the ratio)."""
+    log_q = logits.float().log_softmax(dim=1)
+    q = log_q.exp().detach()
+    p = teacher.float()
+    log_ratio = (p.clamp_min(torch.finfo(torch.float32).tiny).log() - log_q).detach()  # log p/q
+    inverse = (-log_ratio).exp().clamp(max=clip)  # (p/q)^-1, clipped
+    kl = (p * log_ratio).sum(dim=1)
+    chi = (q * (inverse - 1)).sum(dim=1) / 2
+    minus = chi > kl  # the larger divergence trains each image
+    weight = torch.where(minus[:, None], -q * inverse, p)
+    surrogate = -(weight * log_q).sum(dim=1)
+    # the value is the divergence, the gradient the surrogate's
+    return (torch.where(minus, chi, kl) + surrogate - surrogate.detach()).mean()
+
+
 def train_supernet(space: SearchSpace, data: DataSplit, settings: TrainSettings = TrainSettings(), *,
                    checkpoint: Path | None = None, device: torch.device | str = "cpu",
                    progress: bool = True) -> TrainResult:
@@ -267,7 +296,8 @@ def train_supernet(space: SearchSpace, data: DataSplit, settings: TrainSettings 
         # same seeded rng, drawn in the same order.
         members = ([fair() for _ in range(settings.random_subnets + 1)] if settings.sampling == "fair" else
                    [smallest, *(space.sample(rng) for _ in range(settings.random_subnets))])
-        distilled = [F.cross_entropy(net(x, spec), soft) for spec in members]
+        distill = alpha_divergence if settings.distillation == "alpha" else F.cross_entropy
+        distilled = [distill(net(x, spec), soft) for spec in members]
         return loss + sum(distilled), loss, logits
 
     meta = {"space": to_data(space), "data": data.key(), "settings": to_data(settings)}

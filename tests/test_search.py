@@ -318,17 +318,18 @@ def test_every_supernet_setting_reaches_search_and_the_supernet_cache_key(tmp_pa
     from nas.train import checkpoint_path
     args = make_parser().parse_args(["search", "--supernet-lr", "0.05", "--supernet-label-smoothing", "0.1",
                                      "--no-supernet-augment", "--supernet-random-subnets", "2",
-                                     "--supernet-sampling", "fair", "--seed", "4"])
+                                     "--supernet-sampling", "fair", "--supernet-distillation", "alpha",
+                                     "--seed", "4"])
     config = SearchConfig(**field_values(args, SearchConfig))
     assert config.supernet == TrainSettings(lr=0.05, label_smoothing=0.1, augment=False, random_subnets=2,
-                                            sampling="fair")
+                                            sampling="fair", distillation="alpha")
     settings = config.supernet_settings
     assert settings.seed == 4
     space, data = load_for(nas.load_space("mobilenetv3_compact"), "digits")
     paths = {checkpoint_path(space, data, dataclasses.replace(settings, **{f.name: value}), root=tmp_path)
-             for f, value in zip(dataclasses.fields(TrainSettings), (6, 64, 0.1, 1e-4, 1, "sandwich", True, 0.0, 5),
-                                 strict=True)}
-    assert len(paths | {checkpoint_path(space, data, settings, root=tmp_path)}) == 10  # each setting changes the key
+             for f, value in zip(dataclasses.fields(TrainSettings),
+                                 (6, 64, 0.1, 1e-4, 1, "sandwich", "kl", True, 0.0, 5), strict=True)}
+    assert len(paths | {checkpoint_path(space, data, settings, root=tmp_path)}) == 11  # each setting changes the key
 
 
 def test_latency_gaps_over_25_percent_are_flagged() -> None:

@@ -10,7 +10,14 @@ import nas
 from nas.data import DataSplit, digits
 from nas.space import load_space
 from nas.supernet import Supernet, recalibrate_bn
-from nas.train import TrainSettings, calibration_batches, load_checkpoint, score_subnet, train_supernet
+from nas.train import (
+    TrainSettings,
+    alpha_divergence,
+    calibration_batches,
+    load_checkpoint,
+    score_subnet,
+    train_supernet,
+)
 
 
 def _randomise(model: nn.Module) -> None:
@@ -96,10 +103,12 @@ def _tiny_digits(n_train: int = 192) -> DataSplit:
     return dataclasses.replace(d, name="digits-tiny", train=torch.utils.data.TensorDataset(x[:n_train], y[:n_train]))
 
 
-def test_a_few_training_steps_reduce_the_loss(tmp_path: Path) -> None:
+@pytest.mark.parametrize("distillation", ["kl", "alpha"])
+def test_a_few_training_steps_reduce_the_loss(tmp_path: Path, distillation: str) -> None:
     space = load_space("mobilenetv3_compact")
     data = _tiny_digits(384)
-    result = train_supernet(space, data, TrainSettings(epochs=3, batch_size=32, lr=0.1, random_subnets=1),
+    result = train_supernet(space, data, TrainSettings(epochs=3, batch_size=32, lr=0.1, random_subnets=1,
+                                                       distillation=distillation),
                             checkpoint=tmp_path / "sn.pt", progress=False)
     losses = [h["loss"] for h in result.history]
     assert len(losses) == 3 and losses[0] > losses[1] > losses[2] and losses[2] < 0.7 * losses[0], losses
@@ -174,6 +183,47 @@ def test_a_setting_added_later_keeps_the_caches_keyed_before_it() -> None:
         == TrainSettings()
     with pytest.raises(nas.SpecError, match=r"^sampling: 'uniform' is not one of sandwich, fair$"):
         TrainSettings(sampling="uniform")
+    assert "distillation" not in to_data(TrainSettings())
+    assert digest(TrainSettings(distillation="alpha")) != digest(TrainSettings())
+    with pytest.raises(nas.SpecError, match=r"^distillation: 'kd' is not one of kl, alpha$"):
+        TrainSettings(distillation="kd")
+
+
+def test_alpha_divergence_trains_each_image_on_the_larger_of_its_two_divergences() -> None:
+    torch.manual_seed(0)
+    logits, teacher = torch.randn(64, 10) * 0.3, (torch.randn(64, 10) * 0.3).softmax(dim=1)
+
+    def closed_form(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        log_q = x.log_softmax(dim=1)
+        q = log_q.exp()
+        kl = (teacher * (teacher.log() - log_q)).sum(dim=1)  # D_+1
+        chi = (q * (q / teacher - 1)).sum(dim=1) / 2  # D_-1
+        return torch.where(chi > kl, chi, kl).mean(), chi > kl
+
+    expected_x = logits.clone().requires_grad_()
+    expected, minus = closed_form(expected_x)
+    expected.backward()
+    x = logits.clone().requires_grad_()
+    value = alpha_divergence(x, teacher)
+    value.backward()
+    # both divergences train some images here, and no ratio q/p reaches the clip: value and gradient are the
+    # divergence's own
+    assert 0 < int(minus.sum()) < 64 and float((logits.softmax(dim=1) / teacher).max()) < 5
+    torch.testing.assert_close(value, expected)
+    torch.testing.assert_close(x.grad, expected_x.grad)
+    assert float(alpha_divergence(logits, logits.softmax(dim=1))) == pytest.approx(0, abs=1e-6)
+    # where the subnet is confident and the teacher is not (q/p = 8.8 > 5), D_-1 trains the image with the ratio
+    # clipped at 5 and held as a weight: the gradient of sum q * min(q/p, 5), not of the divergence itself
+    confident, unsure = torch.tensor([[2.0, 0.0]]), torch.tensor([[0.1, 0.9]])
+    x = confident.clone().requires_grad_()
+    alpha_divergence(x, unsure).backward()
+    q = confident.softmax(dim=1)
+    expected_x = confident.clone().requires_grad_()
+    (expected_x.softmax(dim=1) * (q / unsure).clamp(max=5)).sum().backward()
+    torch.testing.assert_close(x.grad, expected_x.grad)
+    unclipped = confident.clone().requires_grad_()
+    (unclipped.softmax(dim=1) ** 2 / unsure).sum().div(2).backward()
+    assert float(unclipped.grad.abs().max()) > 1.5 * float(x.grad.abs().max())
 
 
 def test_bad_checkpoints_are_one_line_errors(tmp_path: Path) -> None:
