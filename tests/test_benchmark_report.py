@@ -68,3 +68,22 @@ def test_bench_verify_proxy_changes_are_the_supernet_recipe_settings_and_a_bad_o
     assert (tuned.epochs, tuned.lr, tuned.batch_size) == (1, 0.01, recipe.batch_size)
     with pytest.raises(SpecError, match=re.escape("--finetune.lr: 0.0 must be positive")):
         bench_verify.proxy_variant(recipe, "lr=0", "--finetune")
+
+
+def test_bench_verify_averages_each_recipe_trained_from_several_seeds() -> None:
+    import bench_verify
+
+    from nas._schema import to_data
+
+    own = dataclasses.replace(bench_verify.SIZES["cpu"].supernet, seed=2)
+    labels = ["the run's own", "seed=3", "sampling=fair", "sampling=fair,seed=3", "epochs=12"]
+    accuracy = [[0.50, 0.60, 0.70], [0.56, 0.58, 0.60], [0.70, 0.50, 0.60], [0.60, 0.50, 0.70], [0.5, 0.6, 0.7]]
+    rows = [{"supernet": label, "settings": to_data(bench_verify.proxy_variant(own, label) if k else own),
+             "proxy_accuracy": a} for k, (label, a) in enumerate(zip(labels, accuracy, strict=True))]
+    recipe, fair = bench_verify.seed_ensembles(rows, [0.1, 0.3, 0.2])
+    # epochs=12 has one seed: no ensemble; the others average their own seeds, not each other's
+    assert (recipe["recipe"], recipe["seeds"], fair["recipe"], fair["seeds"]) == \
+        ("the run's recipe", 2, "the sampling=fair recipe", 2)
+    assert recipe["proxy_accuracy"] == pytest.approx([0.53, 0.59, 0.65])
+    assert fair["proxy_accuracy"] == pytest.approx([0.65, 0.50, 0.65])
+    assert recipe["kendall_tau"] == pytest.approx(1 / 3) and recipe["kendall_tau_own"] == pytest.approx(1.0)

@@ -10,10 +10,11 @@ would score) with one recipe, and compare.
 Another --seed is an independent replicate of the whole benchmark, recorded in a section of its own.
 --proxy SETTING=VALUE... re-scores a finished run's verified networks through supernets trained with changed
 recipes, against the stand-alone accuracies it measured: proxies compared on one ground truth, for supernet
-trainings alone (seed=N: the same recipe from another seed, the supernet's own noise; two or more seeds are also
-averaged, an ensemble). --random N ranks N random members within the run's latency limit instead (trained stand-alone
-with its recipe): the proxy's own ranking, where a front's is mostly its latency order. --calibration N... scores
-them with BN re-estimated on N batches, from two sets of images: how far the set alone moves the proxy.
+trainings alone (seed=N: the same recipe from another seed, the supernet's own noise; a recipe's two or more seeds
+are also averaged, an ensemble). --random N ranks N random members within the run's latency limit instead (trained
+stand-alone with its recipe): the proxy's own ranking, where a front's is mostly its latency order.
+--calibration N... scores them with BN re-estimated on N batches, from two sets of images: how far the set alone
+moves the proxy.
 --standalone-epochs N trains the ground truth of any of these for N epochs instead: is a short ground truth the truth?
 --finetune SETTING=VALUE... trains each of them briefly from the run's supernet's shared weights with the stand-alone
 recipe so changed (e.g. epochs=1,lr=0.01) and ranks them by that: does a short fine-tune rank as the proxy cannot?
@@ -43,6 +44,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import torch
 import yaml
@@ -556,6 +558,26 @@ def _supernet(config: SearchConfig, truth: GroundTruth, settings: TrainSettings)
     return trained.supernet, sum(h["seconds"] for h in trained.history)  # a reused one keeps its history
 
 
+def seed_ensembles(rows: list[dict[str, Any]], standalone: list[float]) -> list[dict[str, Any]]:
+    """For each recipe among ``rows`` (rescore's, the run's own first) trained from more than one seed, an ensemble:
+    each network's proxy accuracy averaged over that recipe's supernets, ranked against ``standalone``."""
+    from nas.standalone import rank_agreement
+
+    recipes: dict[str, list[dict[str, Any]]] = {}
+    for r in rows:
+        recipes.setdefault(json.dumps({**r["settings"], "seed": None}, sort_keys=True), []).append(r)
+    ensembles = []
+    for seeds in (group for group in recipes.values() if len(group) > 1):
+        mean = [statistics.fmean(values) for values in zip(*(r["proxy_accuracy"] for r in seeds), strict=True)]
+        changes = ",".join(pair for pair in seeds[0]["supernet"].split(",") if not pair.startswith("seed="))
+        recipe = "the run's recipe" if seeds[0] is rows[0] or not changes else f"the {changes} recipe"
+        ensembles.append(dict(zip(("kendall_tau", "spearman_rho"), rank_agreement(mean, standalone), strict=True),
+                              recipe=recipe, seeds=len(seeds),
+                              kendall_tau_own=rank_agreement(mean, rows[0]["proxy_accuracy"])[0],
+                              proxy_std=statistics.stdev(mean), proxy_accuracy=mean))
+    return ensembles
+
+
 def rescore(size: str, run: str, config: SearchConfig, labels: list[str], variants: list[TrainSettings],
             truth: GroundTruth) -> None:
     """A ground truth's networks scored through the run's own supernet and one trained with each of ``variants``
@@ -586,15 +608,7 @@ def rescore(size: str, run: str, config: SearchConfig, labels: list[str], varian
                      "proxy_std": statistics.stdev(accuracy), "proxy_accuracy": accuracy,
                      "max_gap_to_study": max(gaps, default=math.nan)})
         print({k: v for k, v in rows[-1].items() if k != "proxy_accuracy"}, flush=True)
-    # An ensemble: each network's proxy averaged over the supernets of the run's own recipe, its seed aside
-    own = to_data(config.supernet_settings)
-    seeds = [r for r in rows if {**r["settings"], "seed": own["seed"]} == own]
-    ensemble = None
-    if len(seeds) > 1:
-        mean = [statistics.fmean(r["proxy_accuracy"][k] for r in seeds) for k in range(len(networks))]
-        ensemble = dict(zip(("kendall_tau", "spearman_rho"), rank_agreement(mean, standalone), strict=True),
-                        kendall_tau_own=rank_agreement(mean, rows[0]["proxy_accuracy"])[0],
-                        proxy_std=statistics.stdev(mean), proxy_accuracy=mean)
+    ensembles = seed_ensembles(rows, standalone)
     flops_tau, flops_rho = rank_agreement(flops, standalone)
     # Along one Pareto front the proxy rises with predicted latency by construction, so the run's own tau is mostly
     # this one: how far stand-alone accuracy rises with latency among the networks the search picked.
@@ -604,7 +618,7 @@ def rescore(size: str, run: str, config: SearchConfig, labels: list[str], varian
         {"networks": [name for name, *_ in networks], "specs": [to_data(spec) for _, spec, *_ in networks],
          "standalone": standalone, "predicted_ms": [ms for *_, ms in networks], "flops": flops,
          "flops_kendall_tau": flops_tau, "latency_kendall_tau": latency_tau, "tau_ceiling": truth.ceiling,
-         "rows": rows, "ensemble": ensemble}, indent=2))
+         "rows": rows, "ensembles": ensembles}, indent=2))
     table = ["| supernet | supernet training | proxy std between networks | Kendall tau / Spearman rho | "
              "tau by log-likelihood | tau with the run's own proxy | largest gap to the study's proxy |",
              "|---|---|---|---|---|---|---|"]
@@ -613,10 +627,8 @@ def rescore(size: str, run: str, config: SearchConfig, labels: list[str], varian
               + ("- | " if k == 0 else f"{r['kendall_tau_own']:.3f} | ")
               + ("- |" if math.isnan(r["max_gap_to_study"]) else f"{r['max_gap_to_study']:.2%} |")
               for k, r in enumerate(rows)]
-    if ensemble is not None:
-        table.append(f"| the mean of the run's recipe's {len(seeds)} seeds' proxy accuracies | | "
-                     f"{ensemble['proxy_std']:.2%} | {ensemble['kendall_tau']:.3f} / {ensemble['spearman_rho']:.3f} "
-                     f"| | {ensemble['kendall_tau_own']:.3f} | |")
+    table += [f"| the mean of {e['recipe']}'s {e['seeds']} seeds' proxy accuracies | | {e['proxy_std']:.2%} | "
+              f"{e['kendall_tau']:.3f} / {e['spearman_rho']:.3f} | | {e['kendall_tau_own']:.3f} | |" for e in ensembles]
     table.append(f"| FLOPs (torch.utils.flop_counter), no training | | | {flops_tau:.3f} / {flops_rho:.3f} | | | |")
     table.append(f"| the study's predicted latency, no training | | | {latency_tau:.3f} / {latency_rho:.3f} | | | |")
     proxy_flag = f" --proxy {' '.join(labels)}" if labels else ""
