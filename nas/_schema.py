@@ -119,7 +119,7 @@ class OneOf:
     values: tuple[Any, ...]
 
 
-def _allowed(tp: Any) -> tuple[Any, ...] | None:
+def choices_of(tp: Any) -> tuple[Any, ...] | None:
     """The allowed values of a choice type (``Literal`` or ``Annotated[..., OneOf]``); None for other types."""
     if typing.get_origin(tp) is typing.Literal:
         return typing.get_args(tp)
@@ -147,7 +147,7 @@ def _choice_fields(cls: type) -> tuple[tuple[str, tuple[Any, ...], bool], ...]:
     for f in dataclasses.fields(cls):
         tp = _strip_optional(_hints(cls)[f.name])
         many = typing.get_origin(tp) is tuple
-        allowed = _allowed(typing.get_args(tp)[0] if many else tp)
+        allowed = choices_of(typing.get_args(tp)[0] if many else tp)
         if allowed is not None:
             found.append((f.name, allowed, many))
     return tuple(found)
@@ -182,7 +182,7 @@ def _read(tp: Any, value: Any, path: str) -> Any:
             return None
         (inner,) = [a for a in args if a is not type(None)]
         return _read(inner, value, path)
-    allowed = _allowed(tp)
+    allowed = choices_of(tp)
     if allowed is not None:
         check_choice(path, value, allowed)
         return value

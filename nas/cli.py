@@ -15,7 +15,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, NoReturn
 
-from nas._schema import SpecError, results_root, sweep_temp
+from nas._schema import SpecError, choices_of, results_root, sweep_temp
 
 EXIT_USAGE = 2  # bad input of any kind: flags, files, specs
 
@@ -38,9 +38,9 @@ class Command:
 def add_fields(p: argparse.ArgumentParser, cls: type, *, only: Sequence[str] | None = None,
                defaults: dict[str, Any] | None = None, prefix: str = "", exclude: Sequence[str] = ()) -> None:
     """One flag per field of dataclass ``cls`` (``--batch-size`` for ``batch_size``), typed by its annotation, with
-    the field's default (or ``defaults``) and its ``help`` metadata: options are declared once, in the library. A
-    field that is itself a dataclass gives one flag per field of it, prefixed (``--supernet-lr``); a boolean
-    gives ``--name`` and ``--no-name``."""
+    the field's default (or ``defaults``) and its ``help`` metadata, a ``Literal``'s values as its choices: options
+    are declared once, in the library. A field that is itself a dataclass gives one flag per field of it, prefixed
+    (``--supernet-lr``); a boolean gives ``--name`` and ``--no-name``."""
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         if (only is not None and f.name not in only) or f.name in exclude:
@@ -56,9 +56,10 @@ def add_fields(p: argparse.ArgumentParser, cls: type, *, only: Sequence[str] | N
             continue
         shown = "" if default is None else f" (default {default})"
         flag, dest = "--" + (prefix + f.name).replace("_", "-"), prefix + f.name
-        kind = {"action": argparse.BooleanOptionalAction} if tp is bool else {"type": tp}
-        p.add_argument(flag, dest=dest, default=default, choices=f.metadata.get("choices"),
-                       help=f.metadata.get("help", "") + shown, **kind)
+        choices = choices_of(tp)  # a Literal field's values
+        kind = ({"action": argparse.BooleanOptionalAction} if tp is bool else
+                {"type": type(choices[0]), "choices": choices} if choices else {"type": tp})
+        p.add_argument(flag, dest=dest, default=default, help=f.metadata.get("help", "") + shown, **kind)
 
 
 def field_values(args: argparse.Namespace, cls: type, prefix: str = "", **overrides: Any) -> dict[str, Any]:

@@ -22,15 +22,16 @@ import warnings
 from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import numpy as np
 import torch
 from torch import nn
 
-from nas._schema import SpecError
+from nas._schema import SpecError, check_choice
 
-RUNTIMES = ("torch", "onnxruntime", "onnxruntime-int8", "executorch")
+Runtime = Literal["torch", "onnxruntime", "onnxruntime-int8", "executorch"]
+RUNTIMES: tuple[str, ...] = get_args(Runtime)
 # What each non-torch runtime imports, and the extra that installs it.
 NEEDS = {"onnxruntime": ("deploy", ("onnx", "onnxruntime")), "onnxruntime-int8": ("deploy", ("onnx", "onnxruntime")),
          "executorch": ("executorch", ("executorch",))}
@@ -40,8 +41,7 @@ INT8_CALIBRATION_INPUTS = 4  # random inputs calibrating a layer's int8 graph: i
 
 
 def check_runtime(runtime: str, field: str = "runtime") -> None:
-    if runtime not in RUNTIMES:
-        raise SpecError(field, f"{runtime!r} is not one of {', '.join(RUNTIMES)}")
+    check_choice(field, runtime, RUNTIMES)
 
 
 def require(field: str = "runtime", runtime: str = "onnxruntime") -> None:

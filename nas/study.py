@@ -14,17 +14,18 @@ import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, get_args
 
 import optuna
 
-from nas._schema import SpecError, check_positive, ensure_writable, from_data, results_root, to_data
+from nas._schema import SpecError, check_choices, check_positive, ensure_writable, from_data, results_root, to_data
 from nas.latency import Fingerprint, check_device
-from nas.runtime import RUNTIMES, check_runtime
+from nas.runtime import Runtime
 from nas.spec import NetworkSpec, spec_from_dict, spec_to_dict
 from nas.train import TrainSettings, binomial_stderr
 
-SAMPLERS = ("tpe", "nsga2", "random")
+Sampler = Literal["tpe", "nsga2", "random"]
+SAMPLERS: tuple[str, ...] = get_args(Sampler)
 DEFAULT_SAMPLER = "tpe"  # best median hypervolume in tests/benchmarks/bench_search.py (3 seeds); BENCHMARKS.md
 HEARTBEAT_S = 2  # a worker killed mid-trial leaves a RUNNING trial; after 2 missed beats it is failed
 RECORD_ATTR = "nas"  # the study user attribute holding the record
@@ -51,8 +52,8 @@ class SearchConfig:
     latency_ms: float | None = field(default=None, metadata=_help(
         "latency limit in ms on the latency device (default: the predicted latency of the space's MobileNetV3 "
         "reference member, i.e. 'no slower than MobileNetV3')"))
-    sampler: str = field(default=DEFAULT_SAMPLER, metadata=_help(
-        "Optuna sampler (tpe was chosen by the hypervolume benchmark)", choices=SAMPLERS))
+    sampler: Sampler = field(default=DEFAULT_SAMPLER, metadata=_help(
+        "Optuna sampler (tpe was chosen by the hypervolume benchmark)"))
     seed: int = field(default=0, metadata=_help("seeds data split, supernet and sampler"))
     study_name: str | None = field(default=None, metadata=_help("default: <space>-<dataset>"))
     storage: str | None = field(default=None, metadata=_help(
@@ -62,10 +63,9 @@ class SearchConfig:
         "supernet training and scoring: cpu, cuda, cuda:N or auto (cuda when available)"))
     latency_device: str = field(default="cpu", metadata=_help(
         "the device the network will run on, where latency is measured: cpu, cuda or cuda:N"))
-    runtime: str = field(default="torch", metadata=_help(
+    runtime: Runtime = field(default="torch", metadata=_help(
         "the runtime the network will be deployed in, whose latency the table predicts: torch (eager), onnxruntime, "
-        "onnxruntime-int8 (these two need the deploy extra) or executorch (XNNPACK; the executorch extra)",
-        choices=RUNTIMES))
+        "onnxruntime-int8 (these two need the deploy extra) or executorch (XNNPACK; the executorch extra)"))
     data_dir: str = field(default="data", metadata=_help(
         "where cifar10 and flowers102 are downloaded, and decoded images cached"))
     results: str | None = field(default=None, metadata=_help(
@@ -82,17 +82,15 @@ class SearchConfig:
     def __post_init__(self) -> None:
         if self.budget < 0:
             raise SpecError("budget", f"{self.budget} must be zero or more")
-        if self.sampler not in SAMPLERS:
-            raise SpecError("sampler", f"{self.sampler!r} is not one of {', '.join(SAMPLERS)}")
         if self.latency_ms is not None and not self.latency_ms > 0:
             raise SpecError("latency_ms", f"{self.latency_ms} must be positive")
         if self.val_images is not None and self.val_images < 1:
             raise SpecError("val_images", f"{self.val_images} must be positive")
         if self.supernet.seed not in (0, self.seed):
             raise SpecError("supernet.seed", f"{self.supernet.seed}: the supernet is seeded by seed ({self.seed})")
+        check_choices(self)  # sampler, runtime
         check_device(self.device, "device")
         check_device(self.latency_device, "latency_device")
-        check_runtime(self.runtime)
 
     @property
     def name(self) -> str:

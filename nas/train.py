@@ -3,9 +3,10 @@
 Each step trains the largest subnet on the labels, then the smallest and ``random_subnets`` random ones
 (or, with ``sampling="fair"``, ``random_subnets + 1`` members drawn fairly: :func:`fair_members`)
 on the largest's soft predictions (their soft cross-entropy, or with ``distillation="alpha"``
-:func:`alpha_divergence`), accumulating gradients into one optimiser step. Checkpoints are written
-atomically after every epoch and loaded with ``weights_only=True``; rerunning the same command resumes
-from the last one, and a finished checkpoint is reused as a cache.
+:func:`alpha_divergence`; with ``distillation="none"``, on the labels instead), accumulating gradients
+into one optimiser step. Checkpoints are written atomically after every epoch and loaded with
+``weights_only=True``; rerunning the same command resumes from the last one, and a finished checkpoint
+is reused as a cache.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 import torch.distributed as dist
@@ -26,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from nas._schema import SpecError, digest, ensure_writable, results_root, to_data, write_atomic
+from nas._schema import SpecError, check_choices, digest, ensure_writable, results_root, to_data, write_atomic
 from nas.data import DataSplit, check_classes
 from nas.distributed import all_sum, join
 from nas.model import channels_last
@@ -51,10 +52,6 @@ def proxy_calibration_batches(proxy_images: int) -> int:
     return max(1, round(proxy_images / (5 * CALIBRATION_BATCH)))
 
 
-SAMPLINGS = ("sandwich", "fair")
-DISTILLATIONS = ("kl", "alpha")
-
-
 @dataclass(frozen=True)
 class TrainSettings:
     # Defaults: the digits run that meets the accuracy goals in about a minute on 2 cores
@@ -66,14 +63,15 @@ class TrainSettings:
     random_subnets: int = field(default=1, metadata={
         "help": "random subnets per step besides the largest and smallest (sandwich rule; with sampling fair, "
                 "one fewer than the fair members a step)"})
-    sampling: str = field(default="sandwich", metadata={
-        "choices": SAMPLINGS, "omit_default": True,
+    sampling: Literal["sandwich", "fair"] = field(default="sandwich", metadata={
+        "omit_default": True,
         "help": "the subnets each step trains besides the largest: sandwich (the smallest and random_subnets random "
                 "ones) or fair (random_subnets + 1 members that take each decision's options in turn, FairNAS)"})
-    distillation: str = field(default="kl", metadata={
-        "choices": DISTILLATIONS, "omit_default": True,
-        "help": "the loss of the subnets trained on the largest's predictions: kl (its soft cross-entropy) or alpha "
-                "(AlphaNet's adaptive alpha-divergence, which also penalises a subnet's overconfidence)"})
+    distillation: Literal["kl", "alpha", "none"] = field(default="kl", metadata={
+        "omit_default": True,
+        "help": "what the subnets besides the largest learn from: the largest's predictions, by kl (their soft "
+                "cross-entropy) or alpha (AlphaNet's adaptive alpha-divergence, which also penalises a subnet's "
+                "overconfidence), or none: the labels, as the largest does"})
     augment: bool | None = field(default=None, metadata={
         "help": "random crop and horizontal flip of training images, on the training device (default: on for "
                 "natural images, off for digits)"})
@@ -92,10 +90,7 @@ class TrainSettings:
             raise SpecError("weight_decay", f"{self.weight_decay} must be zero or more")
         if self.random_subnets < 0:
             raise SpecError("random_subnets", f"{self.random_subnets} must be zero or more")
-        if self.sampling not in SAMPLINGS:
-            raise SpecError("sampling", f"{self.sampling!r} is not one of {', '.join(SAMPLINGS)}")
-        if self.distillation not in DISTILLATIONS:
-            raise SpecError("distillation", f"{self.distillation!r} is not one of {', '.join(DISTILLATIONS)}")
+        check_choices(self)
         if not 0 <= self.label_smoothing < 1:
             raise SpecError("label_smoothing", f"{self.label_smoothing} must be at least 0 and below 1")
 
@@ -274,6 +269,15 @@ def alpha_divergence(logits: torch.Tensor, teacher: torch.Tensor, clip: float = 
     return (torch.where(minus, chi, kl) + surrogate - surrogate.detach()).mean()
 
 
+def subnet_loss(settings: TrainSettings) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+    """The loss of a subnet other than the largest, given its logits, the labels and the largest's probabilities:
+    ``settings.distillation``'s."""
+    if settings.distillation == "none":
+        return lambda logits, y, _: F.cross_entropy(logits, y, label_smoothing=settings.label_smoothing)
+    distill = alpha_divergence if settings.distillation == "alpha" else F.cross_entropy
+    return lambda logits, _, soft: distill(logits, soft)
+
+
 def train_supernet(space: SearchSpace, data: DataSplit, settings: TrainSettings = TrainSettings(), *,
                    checkpoint: Path | None = None, device: torch.device | str = "cpu",
                    progress: bool = True) -> TrainResult:
@@ -287,6 +291,8 @@ def train_supernet(space: SearchSpace, data: DataSplit, settings: TrainSettings 
     largest, smallest = space.largest(), space.smallest()
     fair = fair_members(space, rng, data.steps(settings.batch_size) * (settings.random_subnets + 1))
 
+    member_loss = subnet_loss(settings)
+
     def sandwich(net: nn.Module, x: torch.Tensor, y: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         logits = net(x, largest)
         loss = F.cross_entropy(logits, y, label_smoothing=settings.label_smoothing)
@@ -296,9 +302,7 @@ def train_supernet(space: SearchSpace, data: DataSplit, settings: TrainSettings 
         # same seeded rng, drawn in the same order.
         members = ([fair() for _ in range(settings.random_subnets + 1)] if settings.sampling == "fair" else
                    [smallest, *(space.sample(rng) for _ in range(settings.random_subnets))])
-        distill = alpha_divergence if settings.distillation == "alpha" else F.cross_entropy
-        distilled = [distill(net(x, spec), soft) for spec in members]
-        return loss + sum(distilled), loss, logits
+        return loss + sum(member_loss(net(x, spec), y, soft) for spec in members), loss, logits
 
     meta = {"space": to_data(space), "data": data.key(), "settings": to_data(settings)}
     history, reused = fit(supernet, data, settings, sandwich, path=path, meta=meta, device=device,

@@ -288,6 +288,9 @@ def test_bad_search_flags_are_one_line_errors(work: Path) -> None:
                            (["--supernet-label-smoothing", "1.5"],
                             "error: --supernet-label-smoothing: 1.5 must be at least 0 and below 1"),
                            (["--latency-device", "tpu"], "error: --latency-device: 'tpu' is not one of"),
+                           # a Literal field's flag takes its choices from the type
+                           (["--supernet-distillation", "kd"],
+                            "error: nas search: argument --supernet-distillation: invalid choice: 'kd'"),
                            (["--space", "nope.yaml"], "error: nope.yaml: no such file")):
         r = nas_cmd("search", *args, cwd=work)
         assert r.returncode == 2 and r.stderr.startswith(expected) and r.stderr.count("\n") == 1, r.stderr
